@@ -1,0 +1,1 @@
+"""Lightning callbacks: sample images during training."""

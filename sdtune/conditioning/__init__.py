@@ -1,0 +1,67 @@
+"""Conditioning components (the latent-diffusion paper's τθ) and the stack that combines them.
+
+A component declares the slot it feeds: `crossattn` (tokens of the U-Net's cross-attention width, concatenated
+along the token axis when several are active) or `concat` (channels at latent resolution, concatenated
+with the noisy latent). The training module does not care which kind a component is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+SLOTS = ("crossattn", "concat")
+
+
+@dataclass
+class Conditions:
+    """What the U-Net receives besides the noisy latent."""
+
+    crossattn: Tensor | None = None
+    concat: Tensor | None = None
+
+    def unet_input(self, noisy_latents: Tensor) -> Tensor:
+        if self.concat is None:
+            return noisy_latents
+        return torch.cat([noisy_latents, self.concat.to(noisy_latents.dtype)], dim=1)
+
+
+class ConditioningStack(nn.Module):
+    """Named conditioning components; each call returns the combined `Conditions`."""
+
+    def __init__(self, components: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, component in components.items():
+            if getattr(component, "slot", None) not in SLOTS:
+                raise ValueError(f"conditioning.{name}: component must declare slot 'crossattn' or 'concat'")
+        self.components = nn.ModuleDict(components)
+
+    def forward(self, batch: dict[str, Any], drop: dict[str, Tensor]) -> Conditions:
+        """Encode `batch`; samples marked in `drop[name]` get that component's null condition."""
+        outputs: dict[str, list[Tensor]] = {slot: [] for slot in SLOTS}
+        for name, component in self.components.items():
+            outputs[component.slot].append(component(batch, drop[name]))
+        return Conditions(
+            crossattn=torch.cat(outputs["crossattn"], dim=1) if outputs["crossattn"] else None,
+            concat=torch.cat(outputs["concat"], dim=1) if outputs["concat"] else None,
+        )
+
+    def training_drop(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Per-component random drop masks for classifier-free guidance training."""
+        return {
+            name: torch.rand(batch_size, generator=generator) < float(component.dropout)
+            for name, component in self.components.items()
+        }
+
+    def constant_drop(self, batch_size: int, value: bool) -> dict[str, Tensor]:
+        return {name: torch.full((batch_size,), value) for name in self.components}
+
+
+def build_conditioning(cfg: DictConfig, stack: Any) -> ConditioningStack:
+    """Instantiate every component under the `conditioning` config group against the loaded stack."""
+    return ConditioningStack({name: instantiate(component, stack=stack) for name, component in cfg.items()})

@@ -1,0 +1,39 @@
+"""Text conditioning: CLIP tokens → hidden states, fed to the U-Net by cross-attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class TextConditioner(nn.Module):
+    """Encodes `batch[key]` captions with the stack's tokenizer and text encoder.
+
+    The null condition (classifier-free guidance) is the empty caption, or `batch["negative_<key>"]`.
+    """
+
+    slot = "crossattn"
+
+    def __init__(self, stack: Any, dropout: float = 0.1, key: str = "caption") -> None:
+        super().__init__()
+        self.tokenizer = stack.tokenizer
+        self.text_encoder = stack.text_encoder
+        self.dropout = dropout
+        self.key = key
+
+    def forward(self, batch: dict[str, Any], drop: Tensor) -> Tensor:
+        captions = list(batch[self.key])
+        negatives = batch.get(f"negative_{self.key}") or [""] * len(captions)
+        chosen = [neg if dropped else cap for cap, neg, dropped in zip(captions, negatives, drop.tolist())]
+        return self.encode(chosen)
+
+    def encode(self, captions: list[str]) -> Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]

@@ -1,0 +1,1 @@
+"""Datasets and the Lightning DataModules that feed training."""

@@ -1,0 +1,142 @@
+"""Lightning DataModules: real image/caption folders and the embedded shapes world."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from sdtune.data.records import Records, check, discover
+from sdtune.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+
+class ImageCaptionDataset(Dataset):
+    """Pixels in [-1, 1] and the caption of each record."""
+
+    def __init__(self, records: Records, transform: ImageTransform, image_column: str = "image") -> None:
+        self.records = records
+        self.transform = transform
+        self.image_column = image_column
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ref = self.records.images[index]
+        if self.records.hf_dataset is not None:
+            image = self.records.hf_dataset[ref][self.image_column]
+        else:
+            with Image.open(ref) as opened:
+                image = opened.copy()
+        return {"pixel_values": self.transform(image), "caption": self.records.captions[index]}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep everything else (captions, names) as lists."""
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+class ImageCaptionDataModule(pl.LightningDataModule):
+    """Images with captions from a folder or a Hugging Face dataset (see `sdtune.data.records.discover`)."""
+
+    def __init__(
+        self,
+        name: str,
+        resolution: int,
+        batch_size: int,
+        root: str | None = None,
+        hf_name: str | None = None,
+        hf_split: str = "train",
+        image_column: str = "image",
+        caption_column: str = "text",
+        caption_extension: str = ".txt",
+        center_crop: bool = True,
+        random_flip: bool = False,
+        num_workers: int = 0,
+        on_bad_sample: str = "error",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.root = root
+        self.hf_name = hf_name
+        self.discover_kwargs = {
+            "hf_split": hf_split,
+            "image_column": image_column,
+            "caption_column": caption_column,
+            "caption_extension": caption_extension,
+        }
+        self.transform = ImageTransform(resolution, center_crop, random_flip)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.on_bad_sample = on_bad_sample
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.dataset: ImageCaptionDataset | None = None
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def source(self) -> str:
+        return self.hf_name or str(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Discover and check the records (raises DataError listing every bad sample)."""
+        if self.dataset is not None:
+            return
+        records = discover(self.root, self.hf_name, **self.discover_kwargs)
+        self.skipped = check(records, self.source, self.on_bad_sample)
+        if self.skipped:
+            log.warning(
+                "skipping %d bad sample(s) in %s (data.on_bad_sample=skip)", len(self.skipped), self.source
+            )
+        self.dataset = ImageCaptionDataset(records, self.transform, self.discover_kwargs["image_column"])
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset) if self.dataset is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+            drop_last=len(self.dataset) >= self.batch_size,
+        )
+
+
+class ShapesDataModule(ImageCaptionDataModule):
+    """The embedded synthetic shapes world, generated once into the cache (or into `root` if given)."""
+
+    def __init__(self, num_images: int, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_images = num_images
+        self.seed = seed
+        self.resolution = self.transform.resolution
+
+    def prepare_data(self) -> None:
+        self._ensure()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure()
+        super().setup(stage)
+
+    def _ensure(self) -> None:
+        from sdtune.data.shapes import ensure_dataset
+
+        if self.root is None:
+            if self.cache_dir is None:
+                raise ValueError("ShapesDataModule needs cache_dir (paths.cache_dir) when data.root is null")
+            self.root = str(ensure_dataset(self.cache_dir, self.num_images, self.resolution, self.seed))

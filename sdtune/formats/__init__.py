@@ -1,0 +1,1 @@
+"""LoRA state-dict conversions (peft ⇄ diffusers ⇄ kohya) and their metadata."""

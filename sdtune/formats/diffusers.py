@@ -1,0 +1,43 @@
+"""The diffusers LoRA format: what `StableDiffusionPipeline.load_lora_weights` reads, alpha included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sdtune.io import atomic_path
+from sdtune.models.adapters import adapter_config
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def lora_layers(model: Any) -> dict[str, Any] | None:
+    """The peft LoRA tensors of `model`, or None when it has no adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model) if adapter_config(model) is not None else None
+
+
+def adapter_metadata(model: Any) -> dict[str, Any] | None:
+    """The LoraConfig as a dict; stored in the file so the loader restores alpha (and rsLoRA)."""
+    config = adapter_config(model)
+    return config.to_dict() if config is not None else None
+
+
+def save_diffusers_lora(out_dir: Path, unet: Any, text_encoder: Any | None = None) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` atomically; returns the file path."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    te_layers = lora_layers(text_encoder) if text_encoder is not None else None
+    with atomic_path(out_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=lora_layers(unet),
+            text_encoder_lora_layers=te_layers,
+            unet_lora_adapter_metadata=adapter_metadata(unet),
+            text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if te_layers else None,
+            weight_name=WEIGHT_NAME,
+            safe_serialization=True,
+        )
+    return out_dir / WEIGHT_NAME

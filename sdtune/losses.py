@@ -1,0 +1,55 @@
+"""The latent-diffusion objective: targets, min-SNR weighting, noise offset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sample_noise(
+    latents: Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Gaussian noise like `latents`; `noise_offset` adds a per-channel constant (dark or bright images)."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        offset = torch.randn(
+            latents.shape[:2], generator=generator, device=latents.device, dtype=latents.dtype
+        )
+        noise = noise + noise_offset * offset[..., None, None]
+    return noise
+
+
+def prediction_target(
+    scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor, prediction_type: str
+) -> Tensor:
+    """What the U-Net should predict: ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r}; use epsilon or v_prediction")
+
+
+def snr(scheduler: Any, timesteps: Tensor) -> Tensor:
+    """Signal-to-noise ratio ᾱ/(1−ᾱ) at each timestep."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def min_snr_weights(scheduler: Any, timesteps: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Per-sample loss weights of min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, /(SNR+1) for v."""
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.minimum(ratio, torch.full_like(ratio, gamma))
+    return clipped / (ratio + 1) if prediction_type == "v_prediction" else clipped / ratio
+
+
+def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of each sample, in fp32."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+
+
+def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
+    return losses.mean() if weights is None else (losses * weights).mean()

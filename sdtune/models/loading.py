@@ -1,0 +1,143 @@
+"""Load the frozen latent-diffusion stack from wherever `model.pretrained` points.
+
+`model.pretrained` may be null (the embedded tiny stack), a hub id, a local diffusers folder, or a single-file
+checkpoint in the original SD layout (`.safetensors` / `.ckpt`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sdtune.config import ConfigError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass
+class Stack:
+    """The components of a Stable Diffusion model, plus where they came from."""
+
+    vae: Any
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    family: str
+    base_model: str
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return dict(self.noise_scheduler.config)
+
+
+def classify_source(pretrained: str | None) -> str:
+    """One of `tiny`, `single_file`, `local`, `hub`, or `missing` (a path that does not exist)."""
+    if pretrained is None:
+        return "tiny"
+    path = Path(os.path.expanduser(pretrained))
+    if path.is_file():
+        return "single_file"
+    if path.is_dir():
+        return "local"
+    looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.endswith(SINGLE_FILE_SUFFIXES)
+    if looks_like_path or pretrained.count("/") != 1:
+        return "missing"
+    return "hub"
+
+
+def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
+    """Load the stack described by the `model` config group (all components frozen, in eval mode)."""
+    from diffusers import DDPMScheduler
+
+    if model.family == "sdxl":
+        raise ConfigError(
+            ["model.family: SDXL is not supported yet; use model=sd15, model=sd21 or model=tiny"]
+        )
+    kind = classify_source(model.pretrained)
+    if kind == "tiny":
+        from sdtune.models.tiny import ensure_tiny_pipeline
+
+        pipe, base = _from_pretrained(str(ensure_tiny_pipeline(cache_dir)), model, local=True)
+    elif kind == "local":
+        pipe, base = _from_pretrained(str(Path(model.pretrained).expanduser().resolve()), model, local=True)
+    elif kind == "hub":
+        pipe, base = _from_pretrained(model.pretrained, model, local=False)
+    elif kind == "single_file":
+        pipe, base = _from_single_file(model), str(Path(model.pretrained).expanduser().resolve())
+    else:
+        raise ConfigError([f"model.pretrained: {model.pretrained!r} does not exist"])
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for part in (pipe.vae, pipe.unet, pipe.text_encoder):
+        part.requires_grad_(False)
+        part.eval()
+    return Stack(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, noise_scheduler, model.family, base)
+
+
+def _pipeline_kwargs(model: DictConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if model.get("revision"):
+        kwargs["revision"] = model.revision
+    if model.get("variant"):
+        kwargs["variant"] = model.variant
+    return kwargs
+
+
+def _from_pretrained(source: str, model: DictConfig, local: bool) -> tuple[Any, str]:
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = _pipeline_kwargs(model)
+    if local:
+        return StableDiffusionPipeline.from_pretrained(source, **kwargs), source
+    try:
+        return StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs), source
+    except OSError as cached_error:
+        if _offline():
+            raise ConfigError(
+                [
+                    f"model.pretrained: hub id {source!r} is not in the local Hugging Face cache and the hub "
+                    "is offline (HF_HUB_OFFLINE). Pass a local diffusers folder or single-file checkpoint "
+                    "(model.pretrained=/path/to/model), or download it into the cache on a machine with "
+                    "network access (huggingface-cli download)."
+                ]
+            ) from cached_error
+    try:
+        return StableDiffusionPipeline.from_pretrained(source, **kwargs), source
+    except Exception as error:  # the hub client raises many kinds of network and HTTP errors
+        raise ConfigError(
+            [
+                f"model.pretrained: could not download hub id {source!r} ({type(error).__name__}: {error}). "
+                "Check the id and your network, or pass a local diffusers folder or single-file checkpoint."
+            ]
+        ) from error
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _from_single_file(model: DictConfig) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = _pipeline_kwargs(model)
+    if model.get("config"):
+        config = model.config
+        config_path = Path(os.path.expanduser(config))
+        kwargs["config"] = str(config_path.resolve()) if config_path.is_dir() else config
+    if _offline() or kwargs.get("config"):
+        kwargs["local_files_only"] = True
+    try:
+        return StableDiffusionPipeline.from_single_file(str(Path(model.pretrained).expanduser()), **kwargs)
+    except Exception as error:  # the single-file loader surfaces format problems as many error kinds
+        raise ConfigError(
+            [
+                f"model.pretrained: could not load single-file checkpoint {model.pretrained!r} "
+                f"({type(error).__name__}: {error}). Offline, give the component configs with "
+                "model.config=<local diffusers folder or cached hub id of the same architecture>."
+            ]
+        ) from error

@@ -1,0 +1,69 @@
+"""The run directory: refusing to reuse another run's, exporting at the end, and the manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import sdtune
+from sdtune.io import atomic_write_json
+
+MANIFEST = "manifest.json"
+
+
+class RunDirError(RuntimeError):
+    """The run directory already holds another run."""
+
+
+def ensure_fresh_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that already holds a run's checkpoints or manifest."""
+    taken = [name for name in ("checkpoints", MANIFEST) if (run_dir / name).exists()]
+    if taken:
+        raise RunDirError(
+            f"run directory {run_dir} already holds a run ({', '.join(taken)}); choose a new hydra.run.dir, "
+            f"or continue that run with resume={run_dir} (outputs then go to a new directory)"
+        )
+
+
+def git_commit() -> str | None:
+    """The commit of the sdtune source tree, if it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(sdtune.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def write_manifest(
+    run_dir: Path,
+    *,
+    base_model: str,
+    global_step: int,
+    world_size: int,
+    method: str,
+    exports: list[dict[str, str]],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `manifest.json`: what the run produced and what it applies to."""
+    manifest = {
+        "sdtune_version": sdtune.__version__,
+        "git_commit": git_commit(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base_model,
+        "method": method,
+        "global_step": global_step,
+        "world_size": world_size,
+        "exports": exports,
+        **(extra or {}),
+    }
+    path = run_dir / MANIFEST
+    atomic_write_json(path, manifest)
+    return path

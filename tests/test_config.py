@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError
+
+from sdtune.config import ConfigError, validate
+
+from .conftest import CONF_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def test_train_config_has_the_public_groups(train_cfg) -> None:
+    cfg = train_cfg()
+    for group in ("model", "method", "data", "conditioning", "trainer", "logger", "callbacks", "paths"):
+        assert group in cfg, group
+    for key in ("pretrained",):
+        assert key in cfg.model
+    for key in ("rank", "alpha", "target_modules"):
+        assert key in cfg.method
+    for key in ("root", "resolution", "batch_size"):
+        assert key in cfg.data
+    for key in ("max_steps", "accelerator", "devices"):
+        assert key in cfg.trainer
+    assert "resume" in cfg and cfg.hydra.run.dir
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(train_cfg, experiment: str) -> None:
+    cfg = train_cfg(f"+experiment={experiment}")
+    validate(cfg)
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "sdxl"])
+def test_model_configs_compose(train_cfg, model: str) -> None:
+    cfg = train_cfg(f"model={model}")
+    assert cfg.data.resolution == cfg.model.resolution
+
+
+def test_sdxl_is_refused_clearly(train_cfg) -> None:
+    with pytest.raises(ConfigError, match="SDXL is not supported yet"):
+        validate(train_cfg("model=sdxl"))
+
+
+def test_bad_values_are_all_reported_at_once(train_cfg, tmp_path: Path) -> None:
+    cfg = train_cfg(
+        "method.rank=0",
+        "sampling.scheduler=plms",
+        f"model.pretrained={tmp_path}/missing.safetensors",
+        "data.resolution=65",
+        "trainer.max_steps=0",
+        "loss.prediction_type=x0",
+        f"resume={tmp_path}/nope",
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert len(info.value.problems) == 7, message
+    for key in (
+        "method.rank",
+        "sampling.scheduler",
+        "model.pretrained",
+        "data.resolution",
+        "trainer.max_steps",
+        "loss.prediction_type",
+        "resume",
+    ):
+        assert key in message
+    assert "euler_a" in message  # the valid scheduler names are listed
+
+
+def test_captions_without_root_is_reported(train_cfg) -> None:
+    with pytest.raises(ConfigError, match="data.root"):
+        validate(train_cfg("data=captions"))
+
+
+def test_unknown_key_is_rejected(train_cfg) -> None:
+    with pytest.raises(ConfigCompositionException):
+        train_cfg("method.rnak=4")
+    with pytest.raises(ConfigAttributeError):
+        _ = train_cfg().method.rnak

@@ -1,0 +1,70 @@
+"""Loading the stack from each kind of `model.pretrained`; the tiny stack is deterministic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sdtune.config import ConfigError
+from sdtune.models.loading import classify_source, load_stack
+from sdtune.models.tiny import build_tiny_pipeline
+
+
+def model_cfg(pretrained: str | None, **extra) -> OmegaConf:
+    return OmegaConf.create(
+        {
+            "family": "sd1",
+            "pretrained": pretrained,
+            "config": None,
+            "revision": None,
+            "variant": None,
+            **extra,
+        }
+    )
+
+
+def test_classify_source(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert classify_source(None) == "tiny"
+    assert classify_source(str(tmp_path)) == "local"
+    assert classify_source(str(tmp_path / "model.safetensors")) == "single_file"
+    assert classify_source("stable-diffusion-v1-5/stable-diffusion-v1-5") == "hub"
+    assert classify_source(str(tmp_path / "gone")) == "missing"
+    assert classify_source("./relative/model.ckpt") == "missing"
+
+
+def test_tiny_stack_is_deterministic_and_sd15_shaped() -> None:
+    first, second = build_tiny_pipeline(), build_tiny_pipeline()
+    for a, b in zip(first.unet.state_dict().values(), second.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    config = first.unet.config
+    assert list(config.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert config.layers_per_block == 2
+    assert len(first.vae.config.block_out_channels) == 4  # 8x downsampling, like SD
+    assert first.tokenizer("a red circle").input_ids[1:-1] == [
+        first.tokenizer.convert_tokens_to_ids(t) for t in ("a</w>", "red</w>", "circle</w>")
+    ]
+
+
+def test_local_folder_loads_the_same_weights(tiny_dir: Path, cache_dir: Path) -> None:
+    stack = load_stack(model_cfg(str(tiny_dir)), cache_dir)
+    embedded = load_stack(model_cfg(None), cache_dir)
+    assert stack.base_model == str(tiny_dir.resolve()) == embedded.base_model
+    for a, b in zip(stack.unet.parameters(), embedded.unet.parameters()):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in stack.unet.parameters())
+    assert stack.noise_scheduler.config.prediction_type == "epsilon"
+
+
+def test_uncached_hub_id_offline_fails_fast_with_advice(cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="local diffusers folder"):
+        load_stack(model_cfg("sdtune-tests/not-a-real-model"), cache_dir)
+
+
+def test_sdxl_is_refused(cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="SDXL is not supported yet"):
+        load_stack(model_cfg(None, family="sdxl"), cache_dir)
