@@ -55,7 +55,16 @@ def resolve_resume(resume: str | None) -> Path | None:
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem in `cfg` (a composed `train.yaml`)."""
     problems: list[str] = []
-    for check in (_check_model, _check_method, _check_data, _check_trainer, _check_loss, _check_sampling):
+    checks = (
+        _check_model,
+        _check_method,
+        _check_data,
+        _check_trainer,
+        _check_loss,
+        _check_sampling,
+        _check_export,
+    )
+    for check in checks:
         check(cfg, problems.append)
     resume = resolve_resume(cfg.get("resume"))
     if resume is not None and not resume.is_file():
@@ -106,6 +115,9 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
             )
         if not 0 <= method.dropout < 1:
             report(f"method.dropout: must be in [0, 1), got {method.dropout}")
+        init_from = method.get("init_from")
+        if init_from is not None and not Path(init_from).expanduser().is_file():
+            report(f"method.init_from: LoRA file {init_from!r} does not exist")
     else:
         report(f"method.name: unknown method {method.name!r}; use method=lora")
     if method.optimizer not in OPTIMIZERS:
@@ -173,3 +185,20 @@ def _check_sampling(cfg: DictConfig, report: Report) -> None:
         report(f"sampling.steps: must be >= 1, got {sampling.steps}")
     if sampling.every_n_steps < 0:
         report(f"sampling.every_n_steps: must be >= 0 (0 = only at the end), got {sampling.every_n_steps}")
+
+
+def _check_export(cfg: DictConfig, report: Report) -> None:
+    from sdtune.formats.exporters import EXPORTERS, LORA_FORMATS
+
+    formats = list(cfg.export.formats)
+    unknown = [f for f in formats if f not in EXPORTERS]
+    if unknown:
+        report(f"export.formats: unknown format(s) {unknown}; valid: {', '.join(EXPORTERS)}")
+    lora_only = [f for f in formats if f in LORA_FORMATS]
+    if cfg.method.name != "lora" and lora_only:
+        report(
+            f"export.formats: {lora_only} export a LoRA, but method={cfg.method.name} trains no adapter; "
+            "use merged or single_file"
+        )
+    if cfg.model.family == "sdxl" and ("kohya" in formats or "single_file" in formats):
+        report("export.formats: kohya and single_file exports for SDXL are not supported yet")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config import ConfigError, resolve_resume, validate
 from sdtune.data.records import DataError
+from sdtune.io import atomic_write_text
 from sdtune.run import RunDirError, ensure_fresh_run_dir
 
 USER_ERRORS = (ConfigError, DataError, RunDirError)
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> Run:
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(run_dir)
+    save_config(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare_data()
@@ -59,6 +61,14 @@ def train(cfg: DictConfig) -> Run:
     return Run(run_dir, module, trainer)
 
 
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Keep the config in `.hydra/config.yaml` also when training is started from Python, not the CLI."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        atomic_write_text(path, OmegaConf.to_yaml(plain))
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
     """The configured logger (none when `logger=none`), with the resolved config logged to it."""
     if not cfg.logger:
@@ -70,10 +80,13 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 def finish(cfg: DictConfig, module: Any, trainer: pl.Trainer, datamodule: Any, run_dir: Path) -> None:
     """Rank 0: export the trained weights in the configured formats and write the manifest."""
-    from sdtune.formats.exporters import export_formats
+    from sdtune.formats.exporters import context_from_module, export_run
     from sdtune.run import write_manifest
 
-    exports = export_formats(module, run_dir, list(cfg.export.formats))
+    ctx = context_from_module(
+        module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
+    )
+    exports = export_run(ctx, run_dir, list(cfg.export.formats))
     write_manifest(
         run_dir,
         base_model=module.stack.base_model,
@@ -96,7 +109,11 @@ def _log_artifact(logger: Any, run_dir: Path, exports: list[dict[str, str]]) -> 
 
     artifact = wandb.Artifact(name=f"lora-{logger.experiment.id}", type="lora")
     for export in exports:
-        artifact.add_file(str(run_dir / export["path"]))
+        path = run_dir / export["path"]
+        if path.is_dir():
+            artifact.add_dir(str(path), name=export["path"])
+        else:
+            artifact.add_file(str(path), name=export["path"])
     logger.experiment.log_artifact(artifact)
 
 

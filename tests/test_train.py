@@ -80,7 +80,10 @@ def test_run_directory_contents(lora_run) -> None:
     assert manifest["world_size"] == 1
     assert manifest["method"] == "lora"
     assert Path(manifest["base_model"]).is_dir() and Path(manifest["base_model"]).is_absolute()
-    assert manifest["exports"] == [{"format": "diffusers", "path": "lora/pytorch_lora_weights.safetensors"}]
+    assert manifest["exports"] == [
+        {"format": "diffusers", "path": "lora/pytorch_lora_weights.safetensors"},
+        {"format": "kohya", "path": "lora/kohya.safetensors"},
+    ]
     assert manifest["sdtune_version"]
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdtune.io import atomic_path
 from sdtune.models.adapters import adapter_config
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -29,8 +30,10 @@ def save_diffusers_lora(out_dir: Path, unet: Any, text_encoder: Any | None = Non
     from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     te_layers = lora_layers(text_encoder) if text_encoder is not None else None
-    with atomic_path(out_dir) as tmp:
+    # Written in a scratch folder, then renamed: other exports may share `out_dir`.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=lora_layers(unet),
@@ -40,4 +43,5 @@ def save_diffusers_lora(out_dir: Path, unet: Any, text_encoder: Any | None = Non
             weight_name=WEIGHT_NAME,
             safe_serialization=True,
         )
+        os.replace(Path(tmp) / WEIGHT_NAME, out_dir / WEIGHT_NAME)
     return out_dir / WEIGHT_NAME

@@ -1,27 +1,220 @@
-"""Export the trained weights of a module into each requested format; used at the end of training."""
+"""Export trained weights in each format other tools read; used at the end of training and by `sdtune.export`.
+
+Every exporter takes an `ExportContext` (the trained stack and facts about the run) and a destination, writes
+atomically, and returns what it wrote (a file or a folder).
+"""
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtune.formats.diffusers import save_diffusers_lora
+from sdtune.formats.diffusers import lora_layers, save_diffusers_lora
+from sdtune.io import atomic_path
+from sdtune.models.adapters import adapter_config
 
 
-def _diffusers(module: Any, run_dir: Path) -> Path:
-    return save_diffusers_lora(run_dir / "lora", module.unet, module.stack.text_encoder)
+@dataclass
+class ExportContext:
+    """The trained stack plus what the file formats record about the run."""
+
+    unet: Any
+    text_encoder: Any
+    vae: Any
+    tokenizer: Any
+    scheduler: Any
+    family: str
+    prediction_type: str
+    resolution: int
+    num_train_images: int
+    name: str
+
+    @property
+    def has_lora(self) -> bool:
+        return adapter_config(self.unet) is not None
 
 
-EXPORTERS: dict[str, Callable[[Any, Path], Path]] = {"diffusers": _diffusers}
+class ExportError(ValueError):
+    """The requested export is impossible for this model; the message names what works instead."""
 
 
-def export_formats(module: Any, run_dir: Path, formats: list[str]) -> list[dict[str, str]]:
+LORA_FORMATS = ("diffusers", "kohya", "peft")
+
+
+def context_from_module(module: Any, *, name: str, resolution: int, num_train_images: int) -> ExportContext:
+    """The export context of a trained `DiffusionModule`."""
+    stack = module.stack
+    return ExportContext(
+        unet=module.unet,
+        text_encoder=stack.text_encoder,
+        vae=stack.vae,
+        tokenizer=stack.tokenizer,
+        scheduler=stack.noise_scheduler,
+        family=stack.family,
+        prediction_type=module.prediction_type,
+        resolution=resolution,
+        num_train_images=num_train_images,
+        name=name,
+    )
+
+
+def _require_lora(ctx: ExportContext, fmt: str) -> None:
+    if not ctx.has_lora:
+        raise ExportError(
+            f"format={fmt} exports a LoRA, but this model has no LoRA adapter; "
+            "use format=merged or format=single_file for a full model"
+        )
+
+
+def export_diffusers(ctx: ExportContext, out: Path) -> Path:
+    """diffusers LoRA (`load_lora_weights`), alpha kept in the adapter metadata; `out` is a folder."""
+    _require_lora(ctx, "diffusers")
+    te = ctx.text_encoder if adapter_config(ctx.text_encoder) is not None else None
+    return save_diffusers_lora(out, ctx.unet, te)
+
+
+def export_kohya(ctx: ExportContext, out: Path) -> Path:
+    """kohya / A1111 / ComfyUI LoRA file with sd-scripts' metadata; `out` is a `.safetensors` file."""
+    from sdtune.formats.kohya import kohya_metadata, peft_to_kohya, save_kohya
+
+    _require_lora(ctx, "kohya")
+    if ctx.family == "sdxl":
+        raise ExportError("kohya export for SDXL is not supported yet; use format=diffusers or format=peft")
+    unet_config = adapter_config(ctx.unet)
+    te_config = adapter_config(ctx.text_encoder)
+    state = peft_to_kohya(
+        lora_layers(ctx.unet),
+        unet_config,
+        lora_layers(ctx.text_encoder) if te_config is not None else None,
+        te_config,
+        family=ctx.family,
+    )
+    v_pred = ctx.prediction_type == "v_prediction"
+    version = "sd_v1" if ctx.family == "sd1" else ("sd_v2_v" if v_pred else "sd_v2")
+    scale_alpha = unet_config.lora_alpha * (unet_config.r**0.5 if unet_config.use_rslora else 1)
+    metadata = kohya_metadata(
+        base_model_version=version,
+        v2=ctx.family == "sd2",
+        rank=unet_config.r,
+        alpha=float(next(t for k, t in state.items() if k.endswith(".alpha"))),
+        network_args={"use_rslora": str(unet_config.use_rslora)} if unet_config.use_rslora else None,
+        output_name=ctx.name,
+        resolution=(ctx.resolution, ctx.resolution),
+        num_train_images=ctx.num_train_images,
+        prediction_type=ctx.prediction_type,
+        title=ctx.name,
+        extra={"ss_training_alpha": str(scale_alpha)},
+    )
+    out = Path(out)
+    save_kohya(out, state, metadata)
+    return out
+
+
+def export_peft(ctx: ExportContext, out: Path) -> Path:
+    """peft adapters (`PeftModel.from_pretrained`): `out/unet/` and, if trained, `out/text_encoder/`."""
+    from safetensors.torch import save_file
+
+    _require_lora(ctx, "peft")
+    with atomic_path(Path(out)) as tmp:
+        for part, model in (("unet", ctx.unet), ("text_encoder", ctx.text_encoder)):
+            config = adapter_config(model)
+            if config is None:
+                continue
+            folder = tmp / part
+            config.save_pretrained(str(folder))
+            # PeftModel.save_pretrained's key layout: relative to the PeftModel wrapper.
+            tensors = {
+                f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in lora_layers(model).items()
+            }
+            save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return Path(out)
+
+
+def merged_models(ctx: ExportContext) -> tuple[Any, Any]:
+    """Copies of the U-Net and text encoder with their LoRA merged into the base weights (or as they are)."""
+    return _merged(ctx.unet), _merged(ctx.text_encoder)
+
+
+def _merged(model: Any) -> Any:
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = copy.deepcopy(model)
+    if adapter_config(model) is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    model = recurse_remove_peft_layers(model)
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        if attribute in vars(model):
+            delattr(model, attribute)
+    return model
+
+
+def export_merged(ctx: ExportContext, out: Path) -> Path:
+    """A full diffusers pipeline folder (`from_pretrained`) with the LoRA merged into the base."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, text_encoder = merged_models(ctx)
+    pipe = StableDiffusionPipeline(
+        vae=ctx.vae,
+        text_encoder=text_encoder,
+        tokenizer=ctx.tokenizer,
+        unet=unet,
+        scheduler=ctx.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_path(Path(out)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out)
+
+
+def export_single_file(ctx: ExportContext, out: Path) -> Path:
+    """One original-layout `.safetensors` checkpoint (A1111/ComfyUI), LoRA merged."""
+    from sdtune.formats.single_file import save_single_file
+
+    if ctx.family == "sdxl":
+        raise ExportError("single-file export for SDXL is not supported yet; use format=merged")
+    unet, text_encoder = merged_models(ctx)
+    metadata = {
+        "modelspec.title": ctx.name,
+        "modelspec.date": dt.date.today().isoformat(),
+        "modelspec.prediction_type": "v" if ctx.prediction_type == "v_prediction" else "epsilon",
+        "sdtune": json.dumps({"resolution": ctx.resolution}),
+    }
+    return save_single_file(Path(out), unet, ctx.vae, text_encoder, metadata=metadata, family=ctx.family)
+
+
+EXPORTERS: dict[str, Callable[[ExportContext, Path], Path]] = {
+    "diffusers": export_diffusers,
+    "kohya": export_kohya,
+    "peft": export_peft,
+    "merged": export_merged,
+    "single_file": export_single_file,
+}
+
+# Where each format lands inside a run directory at the end of training.
+RUN_PATHS = {
+    "diffusers": "lora",
+    "kohya": "lora/kohya.safetensors",
+    "peft": "lora/peft",
+    "merged": "pipeline",
+    "single_file": "model.safetensors",
+}
+
+
+def export_run(ctx: ExportContext, run_dir: Path, formats: list[str]) -> list[dict[str, str]]:
     """Write each format under `run_dir`; returns manifest entries (format, path relative to the run)."""
-    unknown = [f for f in formats if f not in EXPORTERS]
-    if unknown:
-        raise ValueError(f"export.formats: unknown format(s) {unknown}; valid: {', '.join(EXPORTERS)}")
-    return [
-        {"format": name, "path": str(EXPORTERS[name](module, run_dir).relative_to(run_dir))}
-        for name in formats
-    ]
+    entries = []
+    for fmt in formats:
+        written = EXPORTERS[fmt](ctx, run_dir / RUN_PATHS[fmt])
+        entries.append({"format": fmt, "path": str(written.relative_to(run_dir))})
+    return entries

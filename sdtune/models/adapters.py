@@ -30,6 +30,8 @@ def apply_lora(stack: Any, method: DictConfig) -> None:
     if method.train_text_encoder:
         config = lora_config(method, method.text_encoder_target_modules, method.text_encoder_rank)
         add_adapter(stack.text_encoder, config)
+    if method.get("init_from"):
+        load_initial_lora(stack, method.init_from)
 
 
 def add_adapter(model: Any, config: Any) -> None:
@@ -54,3 +56,84 @@ def apply_method(stack: Any, method: DictConfig) -> None:
 def adapter_config(model: Any) -> Any | None:
     """The peft config of `model`'s adapter, or None if it has none."""
     return getattr(model, "peft_config", {}).get(ADAPTER_NAME)
+
+
+def read_lora_file(path: str, unet: Any, text_encoder: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """peft-keyed (U-Net, text encoder) tensors of a kohya or diffusers LoRA file, rescaled so that the
+    adapters `unet` / `text_encoder` already carry (their own alpha and rank) reproduce the file exactly."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from sdtune.formats.kohya import kohya_to_peft
+
+    state = load_file(path)
+    if all(k.startswith(("lora_unet_", "lora_te")) for k in state):
+        unet_sd, te_sd, rank, alpha = kohya_to_peft(state, unet, text_encoder)
+        return _rescaled(unet_sd, alpha / rank, unet), _rescaled(te_sd, alpha / rank, text_encoder)
+    unet_sd = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    te_sd = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
+    if not unet_sd or len(unet_sd) + len(te_sd) != len(state):
+        raise ValueError(f"method.init_from: {path} is neither a kohya nor a diffusers LoRA file")
+    with safe_open(path, "pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    scales = {part: _scale(metadata, part) for part in ("unet", "text_encoder")}
+    return _rescaled(unet_sd, scales["unet"], unet), _rescaled(
+        te_sd or None, scales["text_encoder"], text_encoder
+    )
+
+
+def _scale(metadata: dict[str, Any], part: str) -> float | None:
+    """The LoRA scale a diffusers file's adapter metadata records (None: scale 1, as diffusers assumes)."""
+    rank, alpha = metadata.get(f"{part}.r"), metadata.get(f"{part}.lora_alpha")
+    if rank is None or alpha is None:
+        return None
+    return alpha / (rank**0.5 if metadata.get(f"{part}.use_rslora") else rank)
+
+
+def _rescaled(tensors: dict[str, Any] | None, file_scale: float | None, model: Any) -> dict[str, Any] | None:
+    config = adapter_config(model)
+    if not tensors or config is None:
+        return tensors
+    model_scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+    factor = (1.0 if file_scale is None else file_scale) / model_scale
+    return {k: v * factor if "lora_B" in k else v for k, v in tensors.items()}
+
+
+def load_initial_lora(stack: Any, path: str) -> None:
+    """Start training from an existing LoRA: its tensors replace the fresh adapter's, shapes checked."""
+    unet_sd, te_sd = read_lora_file(path, stack.unet, stack.text_encoder)
+    _load_adapter_tensors(stack.unet, unet_sd, path, "unet")
+    if te_sd:
+        if adapter_config(stack.text_encoder) is None:
+            raise ValueError(
+                f"method.init_from: {path} has text-encoder LoRA weights; set "
+                "method.train_text_encoder=true to train them too"
+            )
+        _load_adapter_tensors(stack.text_encoder, te_sd, path, "text encoder")
+
+
+def _load_adapter_tensors(model: Any, tensors: dict[str, Any], path: str, what: str) -> None:
+    import torch
+
+    params = {_peft_key(name): p for name, p in model.named_parameters() if "lora_" in name}
+    for key, value in tensors.items():
+        if key not in params:
+            raise ValueError(
+                f"method.init_from: {path}: {what} key {key!r} has no matching LoRA module; "
+                "add its module to method.target_modules"
+            )
+        if params[key].shape != value.shape:
+            raise ValueError(
+                f"method.init_from: {path}: {what} key {key!r} has shape {tuple(value.shape)} but the "
+                f"adapter expects {tuple(params[key].shape)}; set method.rank to the file's rank, or check"
+                " that the LoRA was trained for this base model"
+            )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value)
+
+
+def _peft_key(name: str) -> str:
+    return name.replace(f".{ADAPTER_NAME}.", ".")

@@ -1,0 +1,501 @@
+"""peft LoRA weights to and from the kohya format that A1111, ComfyUI and kohya sd-scripts read (SD1.x/SD2.x).
+
+A kohya file holds, per adapted module, `<prefix>_<module path with "." -> "_">.lora_down.weight` (peft's
+`lora_A`), `.lora_up.weight` (`lora_B`) and a 0-dim `.alpha`; every reader applies
+`W + (alpha / r) * up @ down` with `r = lora_down.shape[0]`. Prefixes are `lora_unet` and `lora_te`, and text
+encoder paths are written in their canonical `text_model.` form even when the installed transformers has
+flattened `CLIPTextModel`.
+
+Export writes ONE alpha value for the whole file: diffusers loses per-module alphas, so a module whose
+trained scale differs from `alpha / r` gets the difference folded into its `lora_up`. A text-encoder attention
+adapted on only some of q/k/v/out gets all-zero LoRA on the others, because diffusers and A1111 need all four.
+
+Import pads every module to the largest rank in the file (zero rows in `lora_A`, zero columns in `lora_B`,
+which change nothing and stay zero under training) and folds per-module scales into `lora_B`, so a single
+`LoraConfig(r=rank, lora_alpha=alpha, target_modules=peft_target_modules(sd))` reproduces the file exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+
+from sdtune.io import atomic_path
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+TE_PREFIX_ALIASES = ("lora_te_", "lora_te1_")  # diffusers' own kohya writer uses lora_te1_ for SD1
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
+PEFT_WRAPPER_PREFIX = "base_model.model."
+SDXL_ERROR = "kohya export for SDXL is not supported yet; use format=diffusers or format=peft"
+BASE_MODEL_VERSIONS = {
+    "sd_v1": "stable-diffusion-v1/lora",
+    "sd_v2": "stable-diffusion-v2-512/lora",
+    "sd_v2_v": "stable-diffusion-v2-768-v/lora",
+}
+PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v", "v_prediction": "v"}
+LEGACY_HASH_OFFSET, LEGACY_HASH_SIZE = 0x100000, 0x10000
+_CLIP_ATTENTION = re.compile(r"^(lora_te_.*_self_attn_)(q|k|v|out)_proj$")
+_SGM_NAME = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_|lora_te2_")
+
+
+def _check_family(family: str) -> None:
+    """Raise ValueError unless `family` is one this module can write (sd1, sd2)."""
+    if family == "sdxl":
+        raise ValueError(SDXL_ERROR)
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family={family!r} is not one of sd1, sd2, sdxl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# peft -> kohya
+# ---------------------------------------------------------------------------------------------------------
+
+
+def peft_to_kohya(
+    unet_lora: dict[str, torch.Tensor],
+    unet_config: LoraConfig,
+    text_encoder_lora: dict[str, torch.Tensor] | None = None,
+    text_encoder_config: LoraConfig | None = None,
+    *,
+    family: str = "sd1",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Convert `get_peft_model_state_dict` outputs of the U-Net (and text encoder) to a kohya state dict.
+
+    All modules share one `.alpha` (the most common trained alpha); `dtype` casts the weights (default: as
+    trained); alphas are float32.
+    """
+    _check_family(family)
+    if text_encoder_lora and text_encoder_config is None:
+        raise ValueError("text_encoder_lora was given without text_encoder_config")
+    modules = _peft_modules(unet_lora, unet_config, UNET_PREFIX, canonical_te=False)
+    if text_encoder_lora:
+        te_modules = _peft_modules(text_encoder_lora, text_encoder_config, TE_PREFIX, canonical_te=True)
+        modules += te_modules + _missing_attention_projections(te_modules)
+    if not modules:
+        raise ValueError("no LoRA weights to export: the peft state dicts are empty")
+    trained_alphas = [m.kohya_alpha for m in modules if m.kohya_alpha is not None]
+    file_alpha = Counter(trained_alphas).most_common(1)[0][0]
+    out: dict[str, torch.Tensor] = {}
+    for m in modules:
+        out_dtype = dtype or m.down.dtype
+        factor = 1.0 if m.kohya_alpha is None else m.kohya_alpha / file_alpha
+        out[m.name + DOWN] = m.down.to(out_dtype).contiguous().clone()
+        out[m.name + UP] = _scaled(m.up, factor, out_dtype)
+        out[m.name + ALPHA] = torch.tensor(file_alpha, dtype=torch.float32)
+    return out
+
+
+@dataclass
+class _PeftModule:
+    """One adapted module: its kohya name, weights and the alpha giving peft's scale at its rank.
+
+    `kohya_alpha` is None for an all-zero filler module, whose scale does not matter.
+    """
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    kohya_alpha: float | None
+
+
+def _missing_attention_projections(modules: list[_PeftModule]) -> list[_PeftModule]:
+    """All-zero LoRA for the q/k/v/out projections missing from a partly adapted CLIP attention.
+
+    diffusers cannot convert a text-encoder attention LoRA without `out_proj`, and A1111 applies SD2 text
+    encoder attention LoRA only when q, k, v and out are all present. CLIP's four projections share one shape.
+    """
+    present: dict[str, dict[str, _PeftModule]] = {}
+    for module in modules:
+        match = _CLIP_ATTENTION.match(module.name)
+        if match:
+            present.setdefault(match.group(1), {})[match.group(2)] = module
+    fillers = []
+    for attention, projections in present.items():
+        sibling = next(iter(projections.values()))
+        for projection in ("q", "k", "v", "out"):
+            if projection not in projections:
+                down, up = torch.zeros_like(sibling.down), torch.zeros_like(sibling.up)
+                fillers.append(_PeftModule(f"{attention}{projection}_proj", down, up, None))
+    return fillers
+
+
+def _peft_modules(
+    state_dict: dict[str, torch.Tensor], config: LoraConfig, prefix: str, *, canonical_te: bool
+) -> list[_PeftModule]:
+    """Group a peft state dict by module, check it against `config`, and resolve each module's alpha."""
+    _check_config(config)
+    pairs = _group_peft_keys(state_dict)
+    modules = []
+    for path, (a, b) in pairs.items():
+        r = a.shape[0]
+        if b.shape[1] != r:
+            raise ValueError(f"{path}: lora_A has rank {r} but lora_B has {b.shape[1]} columns")
+        config_r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
+        if config_r != r:
+            raise ValueError(
+                f"{path}: the weights have rank {r} but the LoraConfig gives rank {config_r}; "
+                "pass the config the adapter was trained with"
+            )
+        alpha = config.alpha_pattern.get(
+            get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha
+        )
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        kohya_path = path if not canonical_te or path.startswith("text_model.") else "text_model." + path
+        modules.append(_PeftModule(prefix + kohya_path.replace(".", "_"), a, b, scale * r))
+    return modules
+
+
+def _check_config(config: LoraConfig) -> None:
+    """Reject LoRA variants that the kohya `networks.lora` format cannot represent."""
+    if getattr(config, "use_dora", False):
+        raise ValueError(
+            "DoRA adapters cannot be written in kohya format (readers drop dora_scale); use format=peft"
+        )
+    if getattr(config, "lora_bias", False):
+        raise ValueError("LoRA with lora_bias=True cannot be written in kohya format; use format=peft")
+
+
+def _group_peft_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Map module path -> (lora_A, lora_B); raise on any other key."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    unsupported = []
+    for key, tensor in state_dict.items():
+        key = key.removeprefix(PEFT_WRAPPER_PREFIX)
+        if key.startswith(("unet.", "text_encoder.")):
+            raise ValueError(
+                f"{key}: strip the pipeline prefix; pass get_peft_model_state_dict(model) output"
+            )
+        for suffix in (PEFT_A, PEFT_B):
+            if key.endswith(suffix):
+                halves.setdefault(key.removesuffix(suffix), {})[suffix] = tensor
+                break
+        else:
+            unsupported.append(key)
+    if unsupported:
+        raise ValueError(
+            "these peft keys have no kohya equivalent (only plain LoRA on Linear/Conv2d is supported): "
+            + _listing(unsupported)
+        )
+    incomplete = [path for path, h in halves.items() if len(h) != 2]
+    if incomplete:
+        raise ValueError("these modules lack lora_A or lora_B: " + _listing(incomplete))
+    return {path: (h[PEFT_A], h[PEFT_B]) for path, h in halves.items()}
+
+
+def _scaled(tensor: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of `tensor` times `factor` in `dtype`, multiplied in float64 when needed."""
+    if factor == 1.0:
+        return tensor.to(dtype).contiguous().clone()
+    return (tensor.to(torch.float64) * factor).to(dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kohya -> peft
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kohya_to_peft(
+    state_dict: dict[str, torch.Tensor],
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    *,
+    family: str = "sd1",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int, float]:
+    """Convert a kohya state dict to peft-keyed (U-Net, text encoder) dicts plus one (rank, alpha) pair.
+
+    Names are resolved against the real modules of `unet` / `text_encoder` and shapes checked against them.
+    Modules are zero-padded to the largest rank and their scales folded into `lora_B`, so
+    `LoraConfig(r=rank, lora_alpha=alpha)` on the returned modules reproduces the file. A missing or zero
+    `.alpha` means alpha = rank (sd-scripts' rule). The text-encoder dict is None when the file has none.
+    """
+    _check_family(family)
+    unet_names = _module_index(unet, UNET_PREFIX, te=False)
+    te_names = _module_index(text_encoder, TE_PREFIX, te=True) if text_encoder is not None else {}
+    groups, unknown = _group_kohya_keys(state_dict, unet_names, te_names)
+    if unknown:
+        raise ValueError(_unknown_keys_message(unknown, text_encoder is None))
+    names = {**unet_names, **te_names}
+    modules = {name: _check_module(name, parts, names[name]) for name, parts in groups.items()}
+    if not modules:
+        raise ValueError("the kohya state dict holds no LoRA modules")
+    rank = max(down.shape[0] for down, _, _ in modules.values())
+    file_scale = Counter(alpha / down.shape[0] for down, _, alpha in modules.values()).most_common(1)[0][0]
+    alpha = _alpha_for(file_scale, rank, modules.values())
+    unet_sd: dict[str, torch.Tensor] = {}
+    te_sd: dict[str, torch.Tensor] = {}
+    for name, (down, up, module_alpha) in modules.items():
+        path, target = (unet_names[name][0], unet_sd) if name in unet_names else (te_names[name][0], te_sd)
+        factor = (module_alpha / down.shape[0]) / (alpha / rank)
+        target[path + PEFT_A] = _pad(down, rank, dim=0).contiguous().clone()
+        target[path + PEFT_B] = _pad(_scaled(up, factor, up.dtype), rank, dim=1).contiguous()
+    return unet_sd, (te_sd or None), rank, alpha
+
+
+def peft_target_modules(peft_state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The module paths a peft state dict adapts, for `LoraConfig(target_modules=...)`."""
+    return sorted({key.removesuffix(PEFT_A).removesuffix(PEFT_B) for key in peft_state_dict})
+
+
+_ModuleInfo = tuple[str, torch.Size]
+_KohyaModule = tuple[torch.Tensor, torch.Tensor, float]  # (down, up, alpha)
+
+
+def _module_index(model: torch.nn.Module, prefix: str, *, te: bool) -> dict[str, _ModuleInfo]:
+    """kohya name -> (module path, base weight shape) for every Linear/Conv2d in `model`.
+
+    Text-encoder modules are indexed with and without the `text_model.` level, so files written for either
+    transformers layout resolve; names that two modules would share are dropped.
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    index: dict[str, _ModuleInfo | None] = {}
+    for path, module in model.named_modules():
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) or path.endswith(".base_layer"):
+            continue
+        variants = {path}
+        if te:
+            variants |= {path.removeprefix("text_model."), "text_model." + path.removeprefix("text_model.")}
+        for variant in variants:
+            name = prefix + variant.replace(".", "_")
+            clash = name in index and (index[name] is None or index[name][0] != path)
+            index[name] = None if clash else (path, base.weight.shape)
+    return {name: info for name, info in index.items() if info is not None}
+
+
+def _group_kohya_keys(
+    state_dict: dict[str, torch.Tensor], unet_names: dict[str, _ModuleInfo], te_names: dict[str, _ModuleInfo]
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Split keys into known module name -> {suffix: tensor}, plus the keys that match no module."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        name, dot, suffix = key.partition(".")
+        for alias in TE_PREFIX_ALIASES[1:]:
+            if name.startswith(alias):
+                name = TE_PREFIX + name.removeprefix(alias)
+        if dot + suffix in (DOWN, UP, ALPHA) and (name in unet_names or name in te_names):
+            groups.setdefault(name, {})[dot + suffix] = tensor
+        else:
+            unknown.append(key)
+    return groups, unknown
+
+
+def _unknown_keys_message(unknown: list[str], no_text_encoder: bool) -> str:
+    """Explain keys that match no module, with the likely cause."""
+    message = "these kohya keys match no module of the given model(s): " + _listing(unknown)
+    if any(_SGM_NAME.match(key) for key in unknown):
+        message += ". They look like an SDXL LoRA, which is not supported yet"
+    elif no_text_encoder and any(key.startswith(TE_PREFIX_ALIASES) for key in unknown):
+        message += ". The file has text-encoder LoRA: pass text_encoder=, or remove the lora_te_ keys"
+    return message
+
+
+def _check_module(name: str, parts: dict[str, torch.Tensor], info: _ModuleInfo) -> _KohyaModule:
+    """Return (down, up, alpha) for one module, shaped like peft's, after checking them against the base."""
+    missing = [suffix for suffix in (DOWN, UP) if suffix not in parts]
+    if missing:
+        raise ValueError(f"{name}: the file has no {' or '.join(name + s for s in missing)}")
+    path, weight_shape = info
+    down, up = parts[DOWN], parts[UP]
+    rank = down.shape[0]
+    want_down, want_up = (rank, *weight_shape[1:]), (weight_shape[0], rank, *([1] * (len(weight_shape) - 2)))
+    is_pointwise_conv = len(weight_shape) == 4 and tuple(weight_shape[2:]) == (1, 1)
+    if is_pointwise_conv and down.dim() == 2 and up.dim() == 2:
+        down, up = down[:, :, None, None], up[:, :, None, None]  # 2-D LoRA on a 1x1 conv is the same map
+    for key, tensor, want in ((name + DOWN, down, want_down), (name + UP, up, want_up)):
+        if tuple(tensor.shape) != want:
+            raise ValueError(
+                f"{key}: shape {tuple(tensor.shape)} does not fit {path} (base weight {tuple(weight_shape)}, "
+                f"expected {want}). Was this LoRA trained for a different base model? Use the base model "
+                "(family and size) it was trained on."
+            )
+    alpha = float(parts[ALPHA].item()) if ALPHA in parts else 0.0
+    return down, up, alpha if alpha != 0.0 else float(rank)
+
+
+def _alpha_for(scale: float, rank: int, modules: Iterable[_KohyaModule]) -> float:
+    """The alpha giving `scale` at `rank`, exactly a module's own alpha where one has that scale and rank."""
+    for down, _, alpha in modules:
+        if down.shape[0] == rank and alpha / rank == scale:
+            return alpha
+    return scale * rank
+
+
+def _pad(tensor: torch.Tensor, rank: int, *, dim: int) -> torch.Tensor:
+    """Zero-pad `tensor` along `dim` to size `rank`."""
+    missing = rank - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata and files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kohya_metadata(
+    *,
+    base_model_version: str,
+    v2: bool,
+    rank: int,
+    alpha: float,
+    network_args: dict[str, str] | None,
+    output_name: str,
+    resolution: tuple[int, int],
+    num_train_images: int,
+    prediction_type: str,
+    title: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The kohya (`ss_*`) and ModelSpec (`modelspec.*`) header entries, all strings; `resolution` is (w, h).
+
+    `prediction_type` is `epsilon` or `v` (`v_prediction` is accepted); `extra` entries are added last.
+    """
+    if base_model_version.startswith("sdxl"):
+        raise ValueError(SDXL_ERROR)
+    _check_version(base_model_version, v2, prediction_type)
+    width, height = resolution
+    metadata = {
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(bool(v2)),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps(dict(network_args or {})),
+        "ss_output_name": output_name,
+        "ss_resolution": f"({width}, {height})",
+        "ss_num_train_images": str(int(num_train_images)),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": BASE_MODEL_VERSIONS[base_model_version],
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "modelspec.prediction_type": PREDICTION_TYPES[prediction_type],
+    }
+    metadata.update(extra or {})
+    _check_metadata(metadata)
+    return metadata
+
+
+def _check_version(base_model_version: str, v2: bool, prediction_type: str) -> None:
+    """Reject base-model versions, v2 flags and prediction types that contradict each other."""
+    if base_model_version not in BASE_MODEL_VERSIONS:
+        raise ValueError(
+            f"base_model_version={base_model_version!r} is not one of {', '.join(BASE_MODEL_VERSIONS)}"
+        )
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    if v2 != (base_model_version != "sd_v1"):
+        raise ValueError(f"v2={v2} contradicts base_model_version={base_model_version!r}")
+    if v2 and (PREDICTION_TYPES[prediction_type] == "v") != (base_model_version == "sd_v2_v"):
+        raise ValueError(
+            f"prediction_type={prediction_type!r} contradicts base_model_version={base_model_version!r}; "
+            "SD2 v-prediction models are sd_v2_v, epsilon ones sd_v2"
+        )
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    """Header entries must be strings, and `lora_adapter_metadata` would make diffusers refuse the file."""
+    not_str = [
+        str(key) for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))
+    ]
+    if not_str:
+        raise ValueError("safetensors metadata values must be str; convert: " + _listing(not_str))
+    if "lora_adapter_metadata" in metadata:
+        raise ValueError(
+            "lora_adapter_metadata must not be in a kohya file: diffusers rejects it with .alpha keys"
+        )
+
+
+def save_kohya(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a kohya LoRA atomically, adding `sshs_model_hash` / `sshs_legacy_hash` computed on its bytes.
+
+    Unlike sd-scripts, which hashes a copy serialised with only the `ss_*` entries, the legacy hash is taken
+    from the file as written, so it equals what a reader computes from the file.
+    """
+    _check_metadata(metadata)
+    stray = [key for key in state_dict if not key.startswith((UNET_PREFIX, *TE_PREFIX_ALIASES))]
+    if stray:
+        raise ValueError("kohya readers reject keys outside lora_unet_/lora_te_: " + _listing(stray))
+    tensors = {key: tensor.detach().contiguous() for key, tensor in state_dict.items()}
+    data = _serialise_with_hashes(tensors, metadata)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(data)
+
+
+def _serialise_with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialise with placeholder hashes of the final length, then with the hashes of those bytes.
+
+    The placeholders keep the header length, hence every file offset, identical in both passes.
+    """
+    placeholders = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+    draft = safetensors.torch.save(tensors, {**metadata, **placeholders})
+    hashes = {"sshs_model_hash": _model_hash(draft)}
+    if _data_offset(draft) <= LEGACY_HASH_OFFSET:  # past that the legacy window would hash the header itself
+        hashes["sshs_legacy_hash"] = _legacy_hash(draft)
+    data = safetensors.torch.save(tensors, {**metadata, **hashes})
+    if _model_hash(data) != hashes["sshs_model_hash"] or (
+        "sshs_legacy_hash" in hashes and _legacy_hash(data) != hashes["sshs_legacy_hash"]
+    ):
+        raise RuntimeError("safetensors wrote different bytes when only the metadata changed; cannot hash")
+    return data
+
+
+def _data_offset(data: bytes) -> int:
+    """Offset of the tensor data: the 8-byte little-endian header length plus the header."""
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def _model_hash(data: bytes) -> str:
+    """The addnet hash: sha256 of everything after the header."""
+    return hashlib.sha256(memoryview(data)[_data_offset(data) :]).hexdigest()
+
+
+def _legacy_hash(data: bytes) -> str:
+    """A1111's legacy hash: first 8 hex digits of sha256 over 64 KiB at offset 1 MiB (empty if shorter)."""
+    return hashlib.sha256(data[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_SIZE]).hexdigest()[:8]
+
+
+def load_kohya(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a kohya LoRA file: (tensors, header metadata)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return tensors, metadata
+
+
+def addnet_hash(path: Path) -> str:
+    """The addnet hash of a safetensors file (sha256 of the bytes after the header), as A1111 shows it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    """Comma-separated keys, cut after `limit`."""
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f", … and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -1,0 +1,222 @@
+"""Every export format of a trained run loads with the other tool's own loader and reproduces the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import PeftModel
+from safetensors import safe_open
+
+from sdtune.config import ConfigError
+from sdtune.export import export
+from sdtune.models import load_stack
+from sdtune.models.adapters import apply_method
+from sdtune.train import train
+
+from .conftest import compose_config
+from .test_formats_kohya import LOADER_FAILURES, loader_messages
+from .test_train import outputs
+
+FORMATS = ["diffusers", "kohya", "peft", "merged", "single_file"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    cfg = compose_config(
+        "train",
+        [
+            "+experiment=lora",
+            "trainer.max_steps=3",
+            "data.num_images=8",
+            "data.batch_size=2",
+            "sampling.every_n_steps=0",
+            "sampling.steps=1",
+            "sampling.per_prompt=1",
+            "logger=none",
+            "method.rank=4",
+            "method.alpha=2",
+            "method.lr=1e-2",
+            "method.train_text_encoder=true",
+            "method.target_modules=[to_q,to_k,to_v,to_out.0,proj_in,ff.net.2,conv1]",
+            f"export.formats=[{','.join(FORMATS)}]",
+        ],
+        run_dir,
+    )
+    result = train(cfg)
+    result.module.eval()
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    return outputs(run.module.unet, run.module.stack.text_encoder)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    return outputs(pipe.unet, pipe.text_encoder)
+
+
+def assert_reproduces(got, want, base) -> None:
+    for g, w, b in zip(got, want, base):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert (g - b).abs().max() > 1e-3, "the export has no effect"
+
+
+def test_manifest_lists_every_format(run) -> None:
+    import json
+
+    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    assert [e["format"] for e in manifest["exports"]] == FORMATS
+    for entry in manifest["exports"]:
+        assert (run.run_dir / entry["path"]).exists(), entry
+
+
+@pytest.mark.parametrize(
+    "fmt,path", [("diffusers", "lora/pytorch_lora_weights.safetensors"), ("kohya", "lora/kohya.safetensors")]
+)
+def test_lora_files_load_with_diffusers(run, trained, base, tiny_dir, fmt, path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    with loader_messages() as messages:
+        pipe.load_lora_weights(run.run_dir / path)
+    problems = [m for m in messages if any(f in m.lower() for f in LOADER_FAILURES)]
+    assert not problems, problems
+    assert_reproduces(outputs(pipe.unet, pipe.text_encoder), trained, base)
+
+
+def test_kohya_metadata(run) -> None:
+    with safe_open(str(run.run_dir / "lora/kohya.safetensors"), "pt") as f:
+        metadata = f.metadata()
+        alpha = f.get_tensor(next(k for k in f.keys() if k.endswith(".alpha")))
+    assert all(isinstance(v, str) for v in metadata.values())
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["ss_network_dim"] == "4" and float(metadata["ss_network_alpha"]) == 2.0
+    assert float(alpha) == 2.0
+    assert metadata["ss_output_name"] == run.run_dir.name
+    assert "lora_adapter_metadata" not in metadata
+
+
+def test_peft_adapters_load_with_peft(run, trained, base, tiny_dir) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    unet = PeftModel.from_pretrained(pipe.unet, run.run_dir / "lora/peft/unet")
+    text_encoder = PeftModel.from_pretrained(pipe.text_encoder, run.run_dir / "lora/peft/text_encoder")
+    got = outputs(unet.base_model.model, text_encoder.base_model.model)
+    assert_reproduces(got, trained, base)
+
+
+def test_merged_pipeline_loads(run, trained, base) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(run.run_dir / "pipeline")
+    assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
+    assert_reproduces(outputs(pipe.unet, pipe.text_encoder), trained, base)
+
+
+def test_single_file_loads_offline(run, trained, base, tiny_dir) -> None:
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(run.run_dir / "model.safetensors"), config=str(tiny_dir), local_files_only=True
+    )
+    assert_reproduces(outputs(pipe.unet, pipe.text_encoder), trained, base)
+
+
+def test_a1111_merge_math(run, tiny_dir) -> None:
+    """base + (alpha/r)·up@down, reshaped, equals the merged pipeline's weight for every module."""
+    base = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    merged = StableDiffusionPipeline.from_pretrained(run.run_dir / "pipeline")
+    with safe_open(str(run.run_dir / "lora/kohya.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    modules = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
+    checked = 0
+    for name in modules:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        alpha = float(tensors[f"{name}.alpha"])
+        prefix, path = name.split("_", 2)[1], name.split("_", 2)[2]
+        model_base, model_merged = (
+            (base.unet, merged.unet) if prefix == "unet" else (base.text_encoder, merged.text_encoder)
+        )
+        param = _find_weight(model_base, path)
+        weight = dict(model_base.named_parameters())[param]
+        delta = (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+        expected = weight + delta.reshape(weight.shape)
+        torch.testing.assert_close(
+            dict(model_merged.named_parameters())[param], expected, atol=1e-5, rtol=1e-4
+        )
+        checked += 1
+    assert checked == len(modules) > 0
+
+
+def _find_weight(model, kohya_path: str) -> str:
+    kohya_path = kohya_path.removeprefix("text_model_")  # transformers 5 dropped the text_model level
+    for name, _ in model.named_parameters():
+        if name.endswith(".weight") and name[: -len(".weight")].replace(".", "_").endswith(kohya_path):
+            return name
+    raise AssertionError(f"no parameter for {kohya_path}")
+
+
+@pytest.mark.parametrize("path", ["lora/kohya.safetensors", "lora/pytorch_lora_weights.safetensors"])
+def test_init_from_reproduces_the_adapter(run, trained, cache_dir, path) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            "+experiment=lora",
+            "method.rank=4",
+            "method.alpha=2",
+            "method.train_text_encoder=true",
+            "method.target_modules=[to_q,to_k,to_v,to_out.0,proj_in,ff.net.2,conv1]",
+            f"method.init_from={run.run_dir / path}",
+        ],
+    )
+    stack = load_stack(cfg.model, cache_dir)
+    apply_method(stack, cfg.method)
+    stack.unet.eval()
+    got = outputs(stack.unet, stack.text_encoder)
+    for g, w in zip(got, trained):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_init_from_with_wrong_rank_names_the_key(run, cache_dir) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            "+experiment=lora",
+            "method.rank=8",
+            "method.train_text_encoder=true",
+            "method.target_modules=[to_q,to_k,to_v,to_out.0,proj_in,ff.net.2,conv1]",
+            f"method.init_from={run.run_dir / 'lora/pytorch_lora_weights.safetensors'}",
+        ],
+    )
+    stack = load_stack(cfg.model, cache_dir)
+    with pytest.raises(ValueError, match=r"key '.*lora_A.*' has shape \(4, .*method.rank"):
+        apply_method(stack, cfg.method)
+
+
+def test_export_cli_function_refuses_to_overwrite(run, tmp_path) -> None:
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"user data")
+    cfg = compose_config("export", [f"source={run.run_dir}", "format=kohya", f"out={out}"])
+    with pytest.raises(ConfigError, match="overwrite=true"):
+        export(cfg)
+    assert out.read_bytes() == b"user data"
+    written = export(
+        compose_config("export", [f"source={run.run_dir}", "format=kohya", f"out={out}", "overwrite=true"])
+    )
+    with safe_open(str(written), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "4"
+
+
+def test_export_cli_from_a_checkpoint_matches_the_run_export(run, tmp_path) -> None:
+    out = tmp_path / "again"
+    export(
+        compose_config(
+            "export",
+            [f"source={run.run_dir / 'checkpoints' / 'last.ckpt'}", "format=diffusers", f"out={out}"],
+        )
+    )
+    with (
+        safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as a,
+        safe_open(str(run.run_dir / "lora/pytorch_lora_weights.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
