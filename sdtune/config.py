@@ -101,6 +101,8 @@ def _check_model(cfg: DictConfig, report: Report) -> None:
 
 
 def _check_method(cfg: DictConfig, report: Report) -> None:
+    from sdtune.models.adapters import VARIANTS
+
     method = cfg.method
     if method.name == "lora":
         for key in ("rank", "alpha"):
@@ -109,6 +111,8 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 report(f"method.{key}: must be a positive number, got {value!r}")
         if not isinstance(method.rank, int):
             report(f"method.rank: must be an integer, got {method.rank!r}")
+        if method.get("variant", "lora") not in VARIANTS:
+            report(f"method.variant: {method.variant!r} is not one of {', '.join(VARIANTS)}")
         if not method.target_modules:
             report(
                 "method.target_modules: must list at least one module name, e.g. [to_q, to_k, to_v, to_out.0]"

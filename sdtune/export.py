@@ -31,7 +31,9 @@ def check(cfg: DictConfig) -> tuple[Path, Path]:
     if not checkpoint.is_file():
         problems.append(f"source: no checkpoint at {checkpoint}; give a run directory or a checkpoint file")
     elif not (run_dir / ".hydra" / "config.yaml").is_file():
-        problems.append(f"source: {run_dir} has no .hydra/config.yaml; give a checkpoint inside an sdtune run")
+        problems.append(
+            f"source: {run_dir} has no .hydra/config.yaml; give a checkpoint inside an sdtune run"
+        )
     if cfg.format not in EXPORTERS:
         problems.append(f"format: unknown format {cfg.format!r}; valid: {', '.join(EXPORTERS)}")
     if Path(cfg.out).exists() and not cfg.overwrite:
@@ -57,8 +59,12 @@ def restore(run_dir: Path, checkpoint: Path, cache_dir: Path) -> tuple[Any, Dict
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     missing = sorted(set(module.trainable_parameters()) - set(state))
     if missing:
-        raise ConfigError([f"source: checkpoint {checkpoint} lacks trained weights such as {missing[0]!r}; "
-                           "was it written by a run with a different method or base model?"])
+        raise ConfigError(
+            [
+                f"source: checkpoint {checkpoint} lacks trained weights such as {missing[0]!r}; "
+                "was it written by a run with a different method or base model?"
+            ]
+        )
     module.load_state_dict(state, strict=False)
     return module.eval(), cfg
 

@@ -71,9 +71,24 @@ def _require_lora(ctx: ExportContext, fmt: str) -> None:
         )
 
 
+def _variant(ctx: ExportContext) -> str:
+    config = adapter_config(ctx.unet)
+    kind = type(config).__name__
+    if kind == "LoHaConfig":
+        return "loha"
+    if kind == "LoKrConfig":
+        return "lokr"
+    return "dora" if getattr(config, "use_dora", False) else "lora"
+
+
 def export_diffusers(ctx: ExportContext, out: Path) -> Path:
     """diffusers LoRA (`load_lora_weights`), alpha kept in the adapter metadata; `out` is a folder."""
     _require_lora(ctx, "diffusers")
+    if _variant(ctx) in ("loha", "lokr"):
+        raise ExportError(
+            f"diffusers cannot load {_variant(ctx)} adapters; use format=peft, "
+            "format=kohya (LyCORIS keys), format=merged or format=single_file"
+        )
     te = ctx.text_encoder if adapter_config(ctx.text_encoder) is not None else None
     return save_diffusers_lora(out, ctx.unet, te)
 
@@ -85,6 +100,14 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
     _require_lora(ctx, "kohya")
     if ctx.family == "sdxl":
         raise ExportError("kohya export for SDXL is not supported yet; use format=diffusers or format=peft")
+    variant = _variant(ctx)
+    if variant == "dora":
+        raise ExportError(
+            "DoRA has no kohya form (readers drop dora_scale); use format=diffusers, format=peft, "
+            "format=merged or format=single_file"
+        )
+    if variant in ("loha", "lokr"):
+        return _export_lycoris(ctx, Path(out))
     unet_config = adapter_config(ctx.unet)
     te_config = adapter_config(ctx.text_encoder)
     state = peft_to_kohya(
@@ -111,6 +134,31 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
         extra={"ss_training_alpha": str(scale_alpha)},
     )
     out = Path(out)
+    save_kohya(out, state, metadata)
+    return out
+
+
+def _export_lycoris(ctx: ExportContext, out: Path) -> Path:
+    from sdtune.formats.kohya import kohya_metadata, save_kohya
+    from sdtune.formats.lycoris import peft_to_lycoris
+
+    unet_config, te_config = adapter_config(ctx.unet), adapter_config(ctx.text_encoder)
+    state = peft_to_lycoris(
+        lora_layers(ctx.unet), unet_config, lora_layers(ctx.text_encoder) if te_config else None, te_config
+    )
+    metadata = kohya_metadata(
+        base_model_version="sd_v1" if ctx.family == "sd1" else "sd_v2",
+        v2=ctx.family == "sd2",
+        rank=unet_config.r,
+        alpha=float(unet_config.alpha),
+        network_args={"algo": _variant(ctx)},
+        output_name=ctx.name,
+        resolution=(ctx.resolution, ctx.resolution),
+        num_train_images=ctx.num_train_images,
+        prediction_type=ctx.prediction_type,
+        title=ctx.name,
+        extra={"ss_network_module": "lycoris.kohya"},
+    )
     save_kohya(out, state, metadata)
     return out
 

@@ -10,25 +10,42 @@ from omegaconf import DictConfig, OmegaConf
 ADAPTER_NAME = "default"
 
 
-def lora_config(method: DictConfig, target_modules: list[str], rank: int) -> Any:
-    """A peft LoraConfig from the `method` config group."""
-    from peft import LoraConfig
+VARIANTS = ("lora", "dora", "loha", "lokr")
 
+
+def adapter_peft_config(method: DictConfig, target_modules: list[str], rank: int) -> Any:
+    """The peft config of `method.variant` (LoRA, DoRA, LoHa or LoKr) from the `method` config group."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    targets = list(OmegaConf.to_container(target_modules, resolve=True))
+    variant = method.get("variant", "lora")
+    if variant == "loha":
+        return LoHaConfig(r=rank, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets)
+    if variant == "lokr":
+        return LoKrConfig(r=rank, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets)
     return LoraConfig(
         r=rank,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
         use_rslora=method.use_rslora,
+        use_dora=variant == "dora",
         init_lora_weights="gaussian",
-        target_modules=list(OmegaConf.to_container(target_modules, resolve=True)),
+        target_modules=targets,
     )
+
+
+def adapter_scale(config: Any) -> float:
+    """The factor peft applies to an adapter's product: alpha / r (alpha / √r with rsLoRA)."""
+    alpha = getattr(config, "lora_alpha", None) or getattr(config, "alpha", config.r)
+    return alpha / (config.r**0.5 if getattr(config, "use_rslora", False) else config.r)
 
 
 def apply_lora(stack: Any, method: DictConfig) -> None:
     """Add peft LoRA adapters to the U-Net (and the text encoder if asked); only they train."""
-    stack.unet.add_adapter(lora_config(method, method.target_modules, method.rank), adapter_name=ADAPTER_NAME)
+    config = adapter_peft_config(method, method.target_modules, method.rank)
+    stack.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     if method.train_text_encoder:
-        config = lora_config(method, method.text_encoder_target_modules, method.text_encoder_rank)
+        config = adapter_peft_config(method, method.text_encoder_target_modules, method.text_encoder_rank)
         add_adapter(stack.text_encoder, config)
     if method.get("init_from"):
         load_initial_lora(stack, method.init_from)
@@ -50,7 +67,19 @@ METHODS: dict[str, Callable[[Any, DictConfig], None]] = {"lora": apply_lora}
 
 def apply_method(stack: Any, method: DictConfig) -> None:
     """Make the parameters that `method` trains trainable (everything else stays frozen)."""
+    if method.get("zero_terminal_snr"):
+        stack.noise_scheduler = zero_terminal_snr_scheduler(stack.noise_scheduler)
     METHODS[method.name](stack, method)
+
+
+def zero_terminal_snr_scheduler(scheduler: Any) -> Any:
+    """The same scheduler with betas rescaled to zero terminal SNR (Lin et al. 2023) and trailing timesteps.
+
+    Sampling schedulers are configured from this config, so they get the matching settings.
+    """
+    return type(scheduler).from_config(
+        scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
 
 
 def adapter_config(model: Any) -> Any | None:
@@ -96,8 +125,7 @@ def _rescaled(tensors: dict[str, Any] | None, file_scale: float | None, model: A
     config = adapter_config(model)
     if not tensors or config is None:
         return tensors
-    model_scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
-    factor = (1.0 if file_scale is None else file_scale) / model_scale
+    factor = (1.0 if file_scale is None else file_scale) / adapter_scale(config)
     return {k: v * factor if "lora_B" in k else v for k, v in tensors.items()}
 
 

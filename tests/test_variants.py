@@ -1,0 +1,128 @@
+"""Adapter variants (DoRA, LoHa, LoKr) train only their own weights and export in the formats that hold them;
+zero-terminal-SNR betas match the hand computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from sdtune.formats.exporters import ExportError, context_from_module, export_diffusers, export_kohya
+from sdtune.formats.lycoris import lycoris_delta
+from sdtune.models.adapters import zero_terminal_snr_scheduler
+from sdtune.train import train
+
+from .conftest import compose_config
+from .test_train import outputs
+
+MARKERS = {"dora": ("lora_",), "loha": ("hada_",), "lokr": ("lokr_",)}
+TARGETS = "method.target_modules=[to_q,to_k,to_v,to_out.0,conv1]"
+
+
+@pytest.fixture(scope="module", params=sorted(MARKERS))
+def variant_run(request, tmp_path_factory, cache_dir):
+    variant = request.param
+    run_dir = tmp_path_factory.mktemp(variant) / "run"
+    formats = "[diffusers,peft]" if variant == "dora" else "[kohya,peft]"
+    cfg = compose_config(
+        "train",
+        [
+            "+experiment=lora",
+            f"method.variant={variant}",
+            "method.rank=4",
+            "method.alpha=2",
+            "method.lr=1e-2",
+            TARGETS,
+            "trainer.max_steps=2",
+            "data.num_images=4",
+            "data.batch_size=2",
+            "sampling.every_n_steps=0",
+            "sampling.steps=1",
+            "sampling.per_prompt=1",
+            "logger=none",
+            f"export.formats={formats}",
+        ],
+        run_dir,
+    )
+    run = train(cfg)
+    run.module.eval()
+    return variant, run
+
+
+def test_only_the_variant_weights_train(variant_run, tiny_dir) -> None:
+    variant, run = variant_run
+    trainable = run.module.trainable_parameters()
+    assert trainable and all(any(m in name for m in MARKERS[variant]) for name in trainable)
+    if variant == "dora":
+        assert any("lora_magnitude_vector" in name for name in trainable)
+    base = StableDiffusionPipeline.from_pretrained(tiny_dir).unet.state_dict()
+    frozen = {
+        k.replace(".base_layer", ""): v
+        for k, v in run.module.unet.state_dict().items()
+        if not any(m in k for m in ("lora_", "hada_", "lokr_"))
+    }
+    assert frozen.keys() == base.keys()
+    assert all(torch.equal(v, base[k]) for k, v in frozen.items())
+
+
+def test_peft_export_reloads_with_matching_outputs(variant_run, tiny_dir) -> None:
+    _, run = variant_run
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    base_out = outputs(pipe.unet, pipe.text_encoder)[0]
+    unet = PeftModel.from_pretrained(pipe.unet, run.run_dir / "lora/peft/unet").base_model.model
+    got = outputs(unet, pipe.text_encoder)[0]
+    want = outputs(run.module.unet, run.module.stack.text_encoder)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - base_out).abs().max() > 1e-4
+
+
+def test_dora_loads_with_diffusers_and_lycoris_math_matches_the_merge(variant_run, tiny_dir) -> None:
+    variant, run = variant_run
+    ctx = context_from_module(run.module, name="x", resolution=64, num_train_images=4)
+    if variant == "dora":
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+        pipe.load_lora_weights(run.run_dir / "lora/pytorch_lora_weights.safetensors")
+        want = outputs(run.module.unet, run.module.stack.text_encoder)[0]
+        torch.testing.assert_close(outputs(pipe.unet, pipe.text_encoder)[0], want, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ExportError, match="format=peft"):
+            export_kohya(ctx, run.run_dir / "never.safetensors")
+        return
+    with pytest.raises(ExportError, match="format=peft"):
+        export_diffusers(ctx, run.run_dir / "never")
+    tensors = load_file(run.run_dir / "lora/kohya.safetensors")
+    merged_model = _merged_unet(run)
+    base = StableDiffusionPipeline.from_pretrained(tiny_dir).unet
+    base_params, merged_params = dict(base.named_parameters()), dict(merged_model.named_parameters())
+    names = {k.rsplit(".", 1)[0] for k in tensors if not k.endswith(".alpha")}
+    for name in names:
+        param = next(
+            p
+            for p in base_params
+            if p.endswith(".weight") and "lora_unet_" + p[: -len(".weight")].replace(".", "_") == name
+        )
+        expected = base_params[param] + lycoris_delta(tensors, name, base_params[param].shape)
+        torch.testing.assert_close(merged_params[param], expected, atol=1e-5, rtol=1e-4)
+    assert names
+
+
+def _merged_unet(run):
+    from sdtune.formats.exporters import merged_models
+
+    ctx = context_from_module(run.module, name="x", resolution=64, num_train_images=4)
+    return merged_models(ctx)[0]
+
+
+def test_zero_terminal_snr_betas_match_hand_computation() -> None:
+    base = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    rescaled = zero_terminal_snr_scheduler(base)
+    # Lin et al. 2023, Algorithm 1: shift and scale √ᾱ so its last value is 0 and its first is unchanged.
+    sqrt_ab = torch.cumprod(1 - base.betas.double(), 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    alphas_bar = sqrt_ab**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    torch.testing.assert_close(rescaled.betas.double(), 1 - alphas, atol=1e-5, rtol=1e-4)  # fp32 in diffusers
+    assert rescaled.alphas_cumprod[-1] == 0
+    assert rescaled.config.timestep_spacing == "trailing"
