@@ -122,8 +122,16 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
         init_from = method.get("init_from")
         if init_from is not None and not Path(init_from).expanduser().is_file():
             report(f"method.init_from: LoRA file {init_from!r} does not exist")
+    elif method.name == "textual_inversion":
+        if method.weight_decay:
+            report(
+                "method.weight_decay: must be 0 for textual inversion (decay would shrink the frozen rows "
+                "of the embedding matrix)"
+            )
+        if method.num_vectors < 1:
+            report(f"method.num_vectors: must be >= 1, got {method.num_vectors}")
     else:
-        report(f"method.name: unknown method {method.name!r}; use method=lora")
+        report(f"method.name: unknown method {method.name!r}; use method=lora or method=textual_inversion")
     if method.optimizer not in OPTIMIZERS:
         report(f"method.optimizer: {method.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if not method.lr > 0:
@@ -198,6 +206,9 @@ def _check_export(cfg: DictConfig, report: Report) -> None:
     unknown = [f for f in formats if f not in EXPORTERS]
     if unknown:
         report(f"export.formats: unknown format(s) {unknown}; valid: {', '.join(EXPORTERS)}")
+    if method_embeds := [f for f in formats if f in ("embedding", "a1111_embedding")]:
+        if cfg.method.name != "textual_inversion":
+            report(f"export.formats: {method_embeds} need method=textual_inversion")
     lora_only = [f for f in formats if f in LORA_FORMATS]
     if cfg.method.name != "lora" and lora_only:
         report(

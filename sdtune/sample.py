@@ -16,14 +16,21 @@ from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
 
 
-def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, int]:
-    """(model config, conditioning config, LoRA file, resolution) for `cfg.source`."""
+def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int]:
+    """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`."""
     source = Path(str(cfg.source)).expanduser()
     if (source / MANIFEST).is_file():
         run_cfg = OmegaConf.load(source / ".hydra" / "config.yaml")
         manifest = OmegaConf.load(source / MANIFEST)
-        lora = next((str(source / e.path) for e in manifest.exports if e.format == "diffusers"), None)
-        return run_cfg.model, run_cfg.conditioning, lora, run_cfg.data.resolution
+        exports = {e.format: str(source / e.path) for e in manifest.exports}
+        resolution = run_cfg.data.resolution
+        return (
+            run_cfg.model,
+            run_cfg.conditioning,
+            exports.get("diffusers"),
+            exports.get("embedding"),
+            resolution,
+        )
     pretrained = None if cfg.source == "tiny" else str(cfg.source)
     model = OmegaConf.create(
         {
@@ -37,15 +44,16 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
     text = OmegaConf.create(
         {"text": {"_target_": "sdtune.conditioning.text.TextConditioner", "dropout": 0.0}}
     )
-    return model, text, cfg.lora, 64 if pretrained is None else 512
+    return model, text, cfg.lora, cfg.embedding, 64 if pretrained is None else 512
 
 
 def check(cfg: DictConfig) -> None:
     problems = []
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"scheduler: unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-    if cfg.lora is not None and not Path(cfg.lora).expanduser().is_file():
-        problems.append(f"lora: file {cfg.lora!r} does not exist")
+    for key in ("lora", "embedding"):
+        if cfg[key] is not None and not Path(cfg[key]).expanduser().is_file():
+            problems.append(f"{key}: file {cfg[key]!r} does not exist")
     if cfg.steps < 1:
         problems.append(f"steps: must be >= 1, got {cfg.steps}")
     targets = output_paths(Path(cfg.out), len(prompts_of(cfg)) * cfg.num_images)
@@ -93,10 +101,14 @@ def sample(cfg: DictConfig) -> list[Path]:
     from sdtune.sampling import generate, make_scheduler, to_pil
 
     check(cfg)
-    model_cfg, cond_cfg, lora, native = source_configs(cfg)
+    from sdtune.models.textual_inversion import load_embedding
+
+    model_cfg, cond_cfg, lora, embedding, native = source_configs(cfg)
     stack = load_stack(model_cfg, Path(cfg.cache_dir))
     if lora:
         load_lora(stack, lora)
+    if embedding:
+        load_embedding(stack, embedding, cfg.token)
     conditioning = build_conditioning(cond_cfg, stack)
     prompts = [p for p in prompts_of(cfg) for _ in range(cfg.num_images)]
     seeds = [cfg.seed + i for _ in prompts_of(cfg) for i in range(cfg.num_images)]

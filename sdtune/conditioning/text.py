@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ class TextConditioner(nn.Module):
         super().__init__()
         self.tokenizer = stack.tokenizer
         self.text_encoder = stack.text_encoder
+        self.rewrites = stack.caption_rewrites
         self.dropout = dropout
         self.key = key
 
@@ -29,6 +31,8 @@ class TextConditioner(nn.Module):
         return self.encode(chosen)
 
     def encode(self, captions: list[str]) -> Tensor:
+        for pattern, replacement in self.rewrites.items():
+            captions = [re.sub(pattern, replacement, c) for c in captions]
         ids = self.tokenizer(
             captions,
             padding="max_length",

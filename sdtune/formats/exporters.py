@@ -10,7 +10,7 @@ import copy
 import datetime as dt
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class ExportContext:
     resolution: int
     num_train_images: int
     name: str
+    embeddings: dict[str, Any] = field(default_factory=dict)  # textual inversion: placeholder -> rows
 
     @property
     def has_lora(self) -> bool:
@@ -48,6 +49,8 @@ LORA_FORMATS = ("diffusers", "kohya", "peft")
 
 def context_from_module(module: Any, *, name: str, resolution: int, num_train_images: int) -> ExportContext:
     """The export context of a trained `DiffusionModule`."""
+    from sdtune.models.textual_inversion import learned_embeddings
+
     stack = module.stack
     return ExportContext(
         unet=module.unet,
@@ -60,6 +63,7 @@ def context_from_module(module: Any, *, name: str, resolution: int, num_train_im
         resolution=resolution,
         num_train_images=num_train_images,
         name=name,
+        embeddings=learned_embeddings(stack),
     )
 
 
@@ -241,12 +245,44 @@ def export_single_file(ctx: ExportContext, out: Path) -> Path:
     return save_single_file(Path(out), unet, ctx.vae, text_encoder, metadata=metadata, family=ctx.family)
 
 
+def _require_embeddings(ctx: ExportContext, fmt: str) -> None:
+    if not ctx.embeddings:
+        raise ExportError(f"format={fmt} exports textual-inversion embeddings, but this model learned none")
+
+
+def export_embedding(ctx: ExportContext, out: Path) -> Path:
+    """diffusers `learned_embeds.safetensors` ({placeholder: (vectors, dim)}); `out` is a file."""
+    from safetensors.torch import save_file
+
+    _require_embeddings(ctx, "embedding")
+    with atomic_path(Path(out)) as tmp:
+        save_file({k: v.contiguous() for k, v in ctx.embeddings.items()}, str(tmp), metadata={"format": "pt"})
+    return Path(out)
+
+
+def export_a1111_embedding(ctx: ExportContext, out: Path) -> Path:
+    """A1111 embedding (`emb_params`), one file per placeholder, named after it; `out` is a folder."""
+    from safetensors.torch import save_file
+
+    _require_embeddings(ctx, "a1111_embedding")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    written = Path(out)
+    for placeholder, rows in ctx.embeddings.items():
+        name = "".join(ch for ch in placeholder if ch.isalnum() or ch in "-_") or "embedding"
+        written = Path(out) / f"{name}.safetensors"
+        with atomic_path(written) as tmp:
+            save_file({"emb_params": rows.contiguous()}, str(tmp), metadata={"name": placeholder})
+    return written
+
+
 EXPORTERS: dict[str, Callable[[ExportContext, Path], Path]] = {
     "diffusers": export_diffusers,
     "kohya": export_kohya,
     "peft": export_peft,
     "merged": export_merged,
     "single_file": export_single_file,
+    "embedding": export_embedding,
+    "a1111_embedding": export_a1111_embedding,
 }
 
 # Where each format lands inside a run directory at the end of training.
@@ -256,6 +292,8 @@ RUN_PATHS = {
     "peft": "lora/peft",
     "merged": "pipeline",
     "single_file": "model.safetensors",
+    "embedding": "embeddings/learned_embeds.safetensors",
+    "a1111_embedding": "embeddings",
 }
 
 

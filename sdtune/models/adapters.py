@@ -7,6 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdtune.models.textual_inversion import apply_textual_inversion
+
 ADAPTER_NAME = "default"
 
 
@@ -62,7 +64,10 @@ def add_adapter(model: Any, config: Any) -> None:
     model.peft_config = {ADAPTER_NAME: config}
 
 
-METHODS: dict[str, Callable[[Any, DictConfig], None]] = {"lora": apply_lora}
+METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
+    "lora": apply_lora,
+    "textual_inversion": apply_textual_inversion,
+}
 
 
 def apply_method(stack: Any, method: DictConfig) -> None:

@@ -7,7 +7,7 @@ checkpoint in the original SD layout (`.safetensors` / `.ckpt`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ class Stack:
     noise_scheduler: Any
     family: str
     base_model: str
+    # Textual inversion: placeholder -> its tokens; caption rewrites (word -> text) the text encoder applies.
+    placeholders: dict[str, list[str]] = field(default_factory=dict)
+    caption_rewrites: dict[str, str] = field(default_factory=dict)
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
