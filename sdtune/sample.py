@@ -119,7 +119,10 @@ def load_conditioning_weights(cfg: DictConfig, conditioning: Any) -> None:
         return
     entry = next((e for e in OmegaConf.load(manifest).exports if e.format == "conditioning"), None)
     if entry is not None:
-        conditioning.load_state_dict(load_file(str(manifest.parent / entry.path)), strict=False)
+        path = manifest.parent / entry.path
+        unexpected = conditioning.load_state_dict(load_file(str(path)), strict=False).unexpected_keys
+        if unexpected:
+            raise ConfigError([f"source: {path} holds {unexpected[0]!r}, which this run's conditioning lacks"])
 
 
 def load_lora(stack: Any, path: str) -> None:

@@ -18,7 +18,8 @@ class SampleCallback(pl.Callback):
     """Samples `sampling.prompts` with fixed seeds; rank 0 alone writes `samples/step_XXXXXX.png`.
 
     With `sampling.from_data: N` the samples are conditioned on the first N training samples instead (their
-    caption, map, source image or vector); conditions that can be shown stand left of each generated image.
+    caption, map, source image or vector; N = 2 when null and the conditioning takes more than text);
+    conditions that can be shown stand left of each generated image.
     """
 
     def __init__(self, run_dir: str, sampling: DictConfig, resolution: int) -> None:
@@ -41,8 +42,11 @@ class SampleCallback(pl.Callback):
         if not trainer.is_global_zero or not self.sampling.prompts:
             return
         per_prompt = self.sampling.per_prompt
-        if self.sampling.from_data:
-            batch = repeat_batch(trainer.datamodule.condition_batch(self.sampling.from_data), per_prompt)
+        from_data = self.sampling.from_data
+        if from_data is None:
+            from_data = 2 if pl_module.conditioning.inputs else 0
+        if from_data:
+            batch = repeat_batch(trainer.datamodule.condition_batch(from_data), per_prompt)
             prompts = list(batch["caption"])
         else:
             prompts = [p for p in OmegaConf.to_container(self.sampling.prompts) for _ in range(per_prompt)]

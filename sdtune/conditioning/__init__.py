@@ -69,6 +69,11 @@ class ConditioningStack(nn.Module):
         return {name: torch.full((batch_size,), name not in kept) for name in self.components}
 
     @property
+    def inputs(self) -> list[str]:
+        """What the components take besides the caption (e.g. `map`), as named by their `input`."""
+        return [c.input for c in self.components.values() if getattr(c, "input", None)]
+
+    @property
     def concat_channels(self) -> int:
         """How many channels the concat slot adds to the U-Net input."""
         return sum(int(c.channels) for c in self.components.values() if c.slot == "concat")

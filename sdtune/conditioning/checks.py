@@ -17,7 +17,7 @@ def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
 
     data_cls = _locate(cfg.data.get("_target_"))
     provided = getattr(data_cls, "batch_keys", DEFAULT_BATCH_KEYS)
-    concat = []
+    concat, inputs = [], []
     for name, component in cfg.conditioning.items():
         cls = _locate(component.get("_target_"))
         if cls is None:
@@ -32,6 +32,8 @@ def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
             )
         if getattr(cls, "slot", None) == "concat":
             concat.append(name)
+        if getattr(cls, "input", None):
+            inputs.append(name)
     if concat:
         _check_concat(cfg, concat, report, LORA_FORMATS)
     if "num_classes" in cfg.data and (not isinstance(cfg.data.num_classes, int) or cfg.data.num_classes < 1):
@@ -42,10 +44,16 @@ def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
             f"sampling.condition_guidance: unknown condition(s) {unknown}; "
             f"the conditioning has {list(cfg.conditioning)}"
         )
-    if cfg.sampling.from_data and not hasattr(data_cls, "condition_batch"):
+    from_data = cfg.sampling.from_data
+    if (from_data or (from_data is None and inputs)) and not hasattr(data_cls, "condition_batch"):
         report(
             f"sampling.from_data: data={cfg.data.name} cannot serve conditions for samples; "
             "set sampling.from_data=0 (prompts only)"
+        )
+    if from_data == 0 and inputs:
+        report(
+            f"sampling.from_data: {', '.join(f'conditioning.{n}' for n in inputs)} needs more than a prompt; "
+            "set sampling.from_data to the number of training samples to condition on (or null)"
         )
 
 
