@@ -122,7 +122,7 @@ def load_conditioning_weights(cfg: DictConfig, conditioning: Any) -> None:
         path = manifest.parent / entry.path
         unexpected = conditioning.load_state_dict(load_file(str(path)), strict=False).unexpected_keys
         if unexpected:
-            raise ConfigError([f"source: {path} holds {unexpected[0]!r}, which this run's conditioning lacks"])
+            raise ConfigError([f"source: {path} holds {unexpected[0]!r}, which the run's conditioning lacks"])
 
 
 def load_lora(stack: Any, path: str) -> None:
