@@ -31,7 +31,9 @@ def check(cfg: DictConfig) -> tuple[Path, Path]:
     if not checkpoint.is_file():
         problems.append(f"source: no checkpoint at {checkpoint}; give a run directory or a checkpoint file")
     elif not (run_dir / ".hydra" / "config.yaml").is_file():
-        problems.append(f"source: {run_dir} has no .hydra/config.yaml; give a checkpoint inside an sdtune run")
+        problems.append(
+            f"source: {run_dir} has no .hydra/config.yaml; give a checkpoint inside an sdtune run"
+        )
     if cfg.format not in EXPORTERS:
         problems.append(f"format: unknown format {cfg.format!r}; valid: {', '.join(EXPORTERS)}")
     if Path(cfg.out).exists() and not cfg.overwrite:
