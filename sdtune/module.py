@@ -121,6 +121,7 @@ class DiffusionModule(pl.LightningModule):
                 seed=sampling.seed,
                 height=resolution,
                 width=resolution,
+                condition_guidance=sampling.condition_guidance,
             )
         finally:
             self.train(was_training)

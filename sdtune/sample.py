@@ -1,4 +1,8 @@
-"""`python -m sdtune.sample source=<run dir | base model> prompt="…" out=…`: the training-time sampler."""
+"""`python -m sdtune.sample source=<run dir | base model> prompt="…" out=…`: the training-time sampler.
+
+Runs with extra conditions take them as files: `map=…` (semantic map), `image=…` (source image to edit),
+`representation=…` (vector).
+"""
 
 from __future__ import annotations
 
@@ -15,22 +19,21 @@ from sdtune.io import atomic_path
 from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
 
+CONDITION_INPUTS = ("map", "image", "representation")  # sample.yaml keys naming condition files
+
 
 def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int]:
     """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`."""
     source = Path(str(cfg.source)).expanduser()
     if (source / MANIFEST).is_file():
         run_cfg = OmegaConf.load(source / ".hydra" / "config.yaml")
-        manifest = OmegaConf.load(source / MANIFEST)
-        exports = {e.format: str(source / e.path) for e in manifest.exports}
-        resolution = run_cfg.data.resolution
-        return (
-            run_cfg.model,
-            run_cfg.conditioning,
-            exports.get("diffusers"),
-            exports.get("embedding"),
-            resolution,
-        )
+        exports = {e.format: source / e.path for e in OmegaConf.load(source / MANIFEST).exports}
+        lora = str(exports["diffusers"]) if "diffusers" in exports else None
+        embedding = str(exports["embedding"]) if "embedding" in exports else None
+        model = run_cfg.model
+        if lora is None and "merged" in exports:  # e.g. a U-Net widened for concat conditioning
+            model = OmegaConf.merge(model, {"pretrained": str(exports["merged"])})
+        return model, run_cfg.conditioning, lora, embedding, run_cfg.data.resolution
     pretrained = None if cfg.source == "tiny" else str(cfg.source)
     model = OmegaConf.create(
         {
@@ -56,6 +59,7 @@ def check(cfg: DictConfig) -> None:
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
     if cfg.steps < 1:
         problems.append(f"steps: must be >= 1, got {cfg.steps}")
+    problems += input_problems(cfg, source_configs(cfg)[1])
     targets = output_paths(Path(cfg.out), len(prompts_of(cfg)) * cfg.num_images)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not cfg.overwrite:
@@ -75,6 +79,52 @@ def output_paths(out: Path, count: int) -> list[Path]:
             return [out]
         return [out.with_name(f"{out.stem}_{i:03d}.png") for i in range(count)]
     return [out / f"{i:03d}.png" for i in range(count)]
+
+
+def input_problems(cfg: DictConfig, cond_cfg: DictConfig) -> list[str]:
+    """Condition files (map=, image=, representation=) the source needs but lacks, or takes no use for."""
+    from hydra.utils import get_class
+
+    problems = []
+    needed = {getattr(get_class(c._target_), "input", None) for c in cond_cfg.values()}
+    for key in CONDITION_INPUTS:
+        path = cfg[key]
+        if key in needed and path is None:
+            problems.append(f"{key}: this model is conditioned on a {key}; pass {key}=<file>")
+        elif path is not None and key not in needed:
+            problems.append(f"{key}: this model takes no {key} condition; leave {key} out")
+        elif path is not None and not Path(path).expanduser().is_file():
+            problems.append(f"{key}: file {path!r} does not exist")
+    return problems
+
+
+def condition_inputs(cfg: DictConfig, conditioning: Any, resolution: int) -> dict[str, Any]:
+    """Batch entries (batch size 1) read from the condition files, e.g. {"map": (1, H, W) class ids}."""
+    inputs = {}
+    for component in conditioning.components.values():
+        key = getattr(component, "input", None)
+        if key is None:
+            continue
+        try:
+            inputs[component.key] = component.read_input(str(Path(cfg[key]).expanduser()), resolution)
+        except (OSError, ValueError) as error:
+            raise ConfigError([f"{key}: {cfg[key]}: {error}"]) from error
+    return inputs
+
+
+def load_conditioning_weights(cfg: DictConfig, conditioning: Any) -> None:
+    """Trained conditioning weights (e.g. a representation projection) of a run source, if it has them."""
+    from safetensors.torch import load_file
+
+    manifest = Path(str(cfg.source)).expanduser() / MANIFEST
+    if not manifest.is_file():
+        return
+    entry = next((e for e in OmegaConf.load(manifest).exports if e.format == "conditioning"), None)
+    if entry is not None:
+        path = manifest.parent / entry.path
+        unexpected = conditioning.load_state_dict(load_file(str(path)), strict=False).unexpected_keys
+        if unexpected:
+            raise ConfigError([f"source: {path} holds {unexpected[0]!r}, which the run's conditioning lacks"])
 
 
 def load_lora(stack: Any, path: str) -> None:
@@ -110,12 +160,14 @@ def sample(cfg: DictConfig) -> list[Path]:
     if embedding:
         load_embedding(stack, embedding, cfg.token)
     conditioning = build_conditioning(cond_cfg, stack)
+    load_conditioning_weights(cfg, conditioning)
     prompts = [p for p in prompts_of(cfg) for _ in range(cfg.num_images)]
     seeds = [cfg.seed + i for _ in prompts_of(cfg) for i in range(cfg.num_images)]
     resolution = cfg.resolution or native
+    inputs = condition_inputs(cfg, conditioning, resolution)
     images = []
     for prompt, seed in zip(prompts, seeds):
-        batch = {"caption": [prompt], "negative_caption": [cfg.negative_prompt]}
+        batch = {"caption": [prompt], "negative_caption": [cfg.negative_prompt], **inputs}
         scheduler = make_scheduler(cfg.scheduler, stack.scheduler_config, seed=seed)
         tensor = generate(
             stack.unet,
@@ -128,6 +180,7 @@ def sample(cfg: DictConfig) -> list[Path]:
             seed=seed,
             height=resolution,
             width=resolution,
+            condition_guidance=cfg.condition_guidance,
         )
         images += to_pil(tensor)
     paths = output_paths(Path(cfg.out), len(images))

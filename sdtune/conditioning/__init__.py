@@ -2,7 +2,10 @@
 
 A component declares the slot it feeds: `crossattn` (tokens of the U-Net's cross-attention width, concatenated
 along the token axis when several are active) or `concat` (channels at latent resolution, concatenated
-with the noisy latent). The training module does not care which kind a component is.
+with the noisy latent; such a component also declares `channels`). The training module does not care which
+kind a component is. A component may also declare `input` (the `sdtune.sample` key that feeds it, e.g. `map`,
+read by its `read_input(path, resolution)`) and `visualize(batch) -> list[PIL.Image]` (shown beside each
+validation sample).
 """
 
 from __future__ import annotations
@@ -61,7 +64,39 @@ class ConditioningStack(nn.Module):
     def constant_drop(self, batch_size: int, value: bool) -> dict[str, Tensor]:
         return {name: torch.full((batch_size,), value) for name in self.components}
 
+    def keep_only(self, batch_size: int, kept: set[str]) -> dict[str, Tensor]:
+        """Drop masks that keep the components named in `kept` and drop every other one."""
+        return {name: torch.full((batch_size,), name not in kept) for name in self.components}
+
+    @property
+    def inputs(self) -> list[str]:
+        """What the components take besides the caption (e.g. `map`), as named by their `input`."""
+        return [c.input for c in self.components.values() if getattr(c, "input", None)]
+
+    @property
+    def concat_channels(self) -> int:
+        """How many channels the concat slot adds to the U-Net input."""
+        return sum(int(c.channels) for c in self.components.values() if c.slot == "concat")
+
+    def visualize(self, batch: dict[str, Any]) -> list[list[Any]]:
+        """Per sample, the PIL images of the conditions that can be shown (e.g. a colourised map)."""
+        columns = [c.visualize(batch) for c in self.components.values() if hasattr(c, "visualize")]
+        return [list(row) for row in zip(*columns)] if columns else []
+
 
 def build_conditioning(cfg: DictConfig, stack: Any) -> ConditioningStack:
-    """Instantiate every component under the `conditioning` config group against the loaded stack."""
-    return ConditioningStack({name: instantiate(component, stack=stack) for name, component in cfg.items()})
+    """Instantiate every component under the `conditioning` config group against the loaded stack.
+
+    Concat components widen the U-Net's input convolution (zero-initialised new channels, so the model starts
+    exactly where it was); the widened `conv_in` then trains with whatever method the run uses.
+    """
+    from sdtune.models.expand import expand_unet_input
+
+    conditioning = ConditioningStack(
+        {name: instantiate(component, stack=stack) for name, component in cfg.items()}
+    )
+    if conditioning.concat_channels:
+        in_channels = stack.vae.config.latent_channels + conditioning.concat_channels
+        if expand_unet_input(stack.unet, in_channels):
+            stack.unet.conv_in.requires_grad_(True)
+    return conditioning

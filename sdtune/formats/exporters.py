@@ -34,10 +34,16 @@ class ExportContext:
     num_train_images: int
     name: str
     embeddings: dict[str, Any] = field(default_factory=dict)  # textual inversion: placeholder -> rows
+    conditioning: Any = None  # the run's ConditioningStack (its trainable parts are saved beside the exports)
 
     @property
     def has_lora(self) -> bool:
         return adapter_config(self.unet) is not None
+
+    @property
+    def widened_input(self) -> bool:
+        """Whether the U-Net takes concat conditions (more input channels than the VAE's latent)."""
+        return self.unet.config.in_channels != self.vae.config.latent_channels
 
 
 class ExportError(ValueError):
@@ -64,6 +70,7 @@ def context_from_module(module: Any, *, name: str, resolution: int, num_train_im
         num_train_images=num_train_images,
         name=name,
         embeddings=learned_embeddings(stack),
+        conditioning=module.conditioning,
     )
 
 
@@ -72,6 +79,17 @@ def _require_lora(ctx: ExportContext, fmt: str) -> None:
         raise ExportError(
             f"format={fmt} exports a LoRA, but this model has no LoRA adapter; "
             "use format=merged or format=single_file for a full model"
+        )
+    adapter_markers = ("lora_", "hada_", "lokr_")
+    trained = [
+        n for n, p in ctx.unet.named_parameters() if p.requires_grad and not any(m in n for m in adapter_markers)
+    ]
+    if trained:
+        raise ExportError(
+            f"format={fmt} holds only LoRA weights, but this model needs its new input weights too: the "
+            f"U-Net takes {ctx.unet.config.in_channels} input channels (latent + concat conditions such as a "
+            f"semantic map) and trained {', '.join(sorted({n.rsplit('.', 1)[0] for n in trained}))} with the "
+            "LoRA; use format=merged (a full diffusers pipeline)"
         )
 
 
@@ -235,6 +253,11 @@ def export_single_file(ctx: ExportContext, out: Path) -> Path:
 
     if ctx.family == "sdxl":
         raise ExportError("single-file export for SDXL is not supported yet; use format=merged")
+    if ctx.widened_input:
+        raise ExportError(
+            f"single-file export of a U-Net with {ctx.unet.config.in_channels} input channels (concat "
+            "conditioning) is not supported: single-file loaders build a standard U-Net; use format=merged"
+        )
     unet, text_encoder = merged_models(ctx)
     metadata = {
         "modelspec.title": ctx.name,
@@ -298,9 +321,41 @@ RUN_PATHS = {
 
 
 def export_run(ctx: ExportContext, run_dir: Path, formats: list[str]) -> list[dict[str, str]]:
-    """Write each format under `run_dir`; returns manifest entries (format, path relative to the run)."""
+    """Write each format under `run_dir`; returns manifest entries (format, path relative to the run).
+
+    Trainable conditioning weights (e.g. a representation projection) belong to no diffusers format: they are
+    written to `conditioning.safetensors` (manifest format `conditioning`), which `sdtune.sample` loads.
+    """
     entries = []
     for fmt in formats:
         written = EXPORTERS[fmt](ctx, run_dir / RUN_PATHS[fmt])
         entries.append({"format": fmt, "path": str(written.relative_to(run_dir))})
+    own = conditioning_weights(ctx) if ctx.conditioning is not None else {}
+    if own:
+        written = save_conditioning(own, run_dir / CONDITIONING_WEIGHTS)
+        entries.append({"format": "conditioning", "path": str(written.relative_to(run_dir))})
     return entries
+
+
+CONDITIONING_WEIGHTS = "conditioning.safetensors"
+
+
+def conditioning_weights(ctx: ExportContext) -> dict[str, Any]:
+    """The trainable tensors of the run's conditioning that belong to none of the stack's models (e.g. a
+    representation projection), keyed relative to the ConditioningStack."""
+    models = (ctx.unet, ctx.text_encoder, ctx.vae)
+    owned = {id(p) for model in models for p in model.parameters()}
+    return {
+        name: p.detach().cpu().contiguous()
+        for name, p in ctx.conditioning.named_parameters()
+        if p.requires_grad and id(p) not in owned
+    }
+
+
+def save_conditioning(tensors: dict[str, Any], out: Path) -> Path:
+    """Write conditioning weights as a safetensors file."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(out)) as tmp:
+        save_file(tensors, str(tmp))
+    return Path(out)
