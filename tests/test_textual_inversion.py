@@ -20,9 +20,18 @@ def ti_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("ti") / "run"
     cfg = compose_config(
         "train",
-        ["+experiment=textual_inversion", "method.num_vectors=2", "method.lr=5e-2", "trainer.max_steps=3",
-         "data.num_images=8", "data.batch_size=4", "sampling.every_n_steps=0", "sampling.steps=1",
-         "sampling.per_prompt=1", "logger=none"],
+        [
+            "+experiment=textual_inversion",
+            "method.num_vectors=2",
+            "method.lr=5e-2",
+            "trainer.max_steps=3",
+            "data.num_images=8",
+            "data.batch_size=4",
+            "sampling.every_n_steps=0",
+            "sampling.steps=1",
+            "sampling.per_prompt=1",
+            "logger=none",
+        ],
         run_dir,
     )
     run = train(cfg)
@@ -55,8 +64,10 @@ def test_exports_reload_through_diffusers(ti_run, tiny_dir) -> None:
     assert set(learned) == {"<sks>"} and learned["<sks>"].shape == (2, 64)
     a1111 = load_file(ti_run.run_dir / "embeddings/sks.safetensors")
     assert torch.equal(a1111["emb_params"], learned["<sks>"])
-    for path, token in ((ti_run.run_dir / "embeddings/learned_embeds.safetensors", None),
-                        (ti_run.run_dir / "embeddings/sks.safetensors", "<sks>")):
+    for path, token in (
+        (ti_run.run_dir / "embeddings/learned_embeds.safetensors", None),
+        (ti_run.run_dir / "embeddings/sks.safetensors", "<sks>"),
+    ):
         pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
         pipe.load_textual_inversion(str(path), token=token)
         prompt = pipe.maybe_convert_prompt("a red <sks> on a gray background", pipe.tokenizer)
@@ -67,11 +78,22 @@ def test_exports_reload_through_diffusers(ti_run, tiny_dir) -> None:
 
 def test_sample_uses_the_token(ti_run, tmp_path) -> None:
     common = ["prompt='a red <sks> on a gray background'", "steps=2", "scheduler=ddim"]
-    with_run = sample(compose_config("sample", [f"source={ti_run.run_dir}", *common, f"out={tmp_path}/a.png"]))
+    with_run = sample(
+        compose_config("sample", [f"source={ti_run.run_dir}", *common, f"out={tmp_path}/a.png"])
+    )
     base = sample(compose_config("sample", ["source=tiny", *common, f"out={tmp_path}/b.png"]))
-    file = sample(compose_config("sample", ["source=tiny", *common, f"out={tmp_path}/c.png",
-                                            f"embedding={ti_run.run_dir / 'embeddings/sks.safetensors'}",
-                                            "token='<sks>'"]))
+    file = sample(
+        compose_config(
+            "sample",
+            [
+                "source=tiny",
+                *common,
+                f"out={tmp_path}/c.png",
+                f"embedding={ti_run.run_dir / 'embeddings/sks.safetensors'}",
+                "token='<sks>'",
+            ],
+        )
+    )
     a, b, c = (np.asarray(Image.open(p[0])) for p in (with_run, base, file))
     assert np.array_equal(a, c)  # the run and its A1111 file give the same image
     assert not np.array_equal(a, b)  # the embedding changes the image

@@ -82,7 +82,9 @@ def _require_lora(ctx: ExportContext, fmt: str) -> None:
         )
     adapter_markers = ("lora_", "hada_", "lokr_")
     trained = [
-        n for n, p in ctx.unet.named_parameters() if p.requires_grad and not any(m in n for m in adapter_markers)
+        n
+        for n, p in ctx.unet.named_parameters()
+        if p.requires_grad and not any(m in n for m in adapter_markers)
     ]
     if trained:
         raise ExportError(
