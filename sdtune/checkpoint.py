@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def load_pickle_safely(
     except pickle.UnpicklingError as error:
         if not allow_pickle:
             raise UntrustedFileError(
-                f"{key}: {path} is a pickle file that holds more than tensors ({_first_line(error)}). "
+                f"{key}: {path} is a pickle file that holds more than tensors ({_offending_global(error)}). "
                 "Loading it could run arbitrary code. Use a .safetensors version of it, or, if you trust "
                 "where the file comes from, set model.allow_pickle=true."
             ) from None
@@ -95,12 +96,10 @@ def tensors_only_copy(path: Path, cache_dir: Path) -> Path:
     return build_once(cache_dir / "unpickled" / f"{path.stem}-{key}.safetensors", build)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error)
-    for line in text.splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return line.strip(" .")
-    return text.splitlines()[0] if text else type(error).__name__
+def _offending_global(error: BaseException) -> str:
+    """What the pickle asked for that weights-only loading refused, from torch's error message."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return f"it references {found.group(1)}" if found else str(error).splitlines()[0][:200]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> Run:
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     last = run_dir / "checkpoints" / "last.ckpt"
-    callbacks += [ResumeState(last), GracefulStop(last)]
+    callbacks += [ResumeState(), GracefulStop(last)]
     trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False
     )
@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> Run:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except SIGTERMException:  # Lightning's own stop after the step; GracefulStop saved the checkpoint
         raise TrainingInterrupted(signal.SIGTERM, last, trainer.global_step) from None
-    if not last.exists():  # normally written at the final step by ResumeState
+    if not last.exists():  # normally written at the final step by callbacks.checkpoint
         trainer.save_checkpoint(last, weights_only=False)
     if trainer.is_global_zero:
         facts = {

@@ -155,7 +155,7 @@ def test_a_changed_dataset_is_reported_on_resume(first_half, tmp_path, cache_dir
 def test_a_different_world_size_is_allowed_with_a_warning() -> None:
     from sdtune.callbacks.resume import ResumeState, capture_rng
 
-    callback = ResumeState(Path("unused"))
+    callback = ResumeState()
     callback.load_state_dict({"rng": capture_rng(), "world_size": 4})
     with pytest.warns(UserWarning, match="trained on 4 process"):
         callback.on_train_start(SimpleNamespace(world_size=2), None)

@@ -1,9 +1,10 @@
 """Exact resume: RNG states in the checkpoint, and a final checkpoint a resume can continue from exactly.
 
 Lightning restores weights, optimizer, LR schedule and loop progress; the data position follows from that
-(`sdtune.data.sampler`). What it does not keep is the global RNG state (noise, timesteps, caption dropout).
-This callback snapshots it after every training batch and restores it when a resumed run starts training.
+(`sdtune.data.sampler`). What it does not keep is the global RNG state (noise, timesteps, caption dropout):
+`ResumeState` snapshots it after every training batch and restores it when a resumed run starts training.
 Everything it stores is tensors and plain Python values, so checkpoints load with `weights_only=True`.
+`Checkpoint` writes `last.ckpt` at the end of the final step, a state a resume continues from exactly.
 
 Lightning writes checkpoints from rank 0: every rank restores rank 0's RNG state. That matches a fresh run,
 where `seed_everything` gives every rank the same seed.
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_warn
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class ResumeState(pl.Callback):
-    """Keeps RNG states in checkpoints and writes `last.ckpt` at the final step, where a resume can pick up.
+    """Keeps the global RNG states in checkpoints: snapshot after each batch, restored as training starts."""
 
-    The final checkpoint is written at the end of the last batch, not after `fit` returns: by then Lightning
-    has marked the epoch finished, and a resume from that state would not continue the epoch where it was.
-    """
-
-    def __init__(self, last_checkpoint: Path) -> None:
-        self.last_checkpoint = Path(last_checkpoint)
+    def __init__(self) -> None:
         self.snapshot: dict[str, Any] | None = None
         self.world_size: int | None = None
         self.to_restore: dict[str, Any] | None = None
@@ -86,8 +82,6 @@ class ResumeState(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
         self.snapshot = capture_rng()
-        if trainer.global_step >= trainer.max_steps and not trainer.fit_loop._should_accumulate():
-            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.snapshot or capture_rng(), "world_size": self.world_size}
@@ -95,3 +89,17 @@ class ResumeState(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.to_restore = state_dict["rng"]
         self.resumed_world_size = state_dict.get("world_size")
+
+
+class Checkpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that also writes `last` at the end of the final step.
+
+    Lightning's own `save_last` otherwise writes it after training ends, when the epoch is already marked
+    finished: a resume from that state would not continue the epoch where it was.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        final = trainer.global_step >= trainer.max_steps and not trainer.fit_loop._should_accumulate()
+        if final and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
