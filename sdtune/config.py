@@ -93,12 +93,28 @@ def _check_model(cfg: DictConfig, report: Report) -> None:
             f"model.pretrained: {model.pretrained!r} does not exist; give a hub id (org/name), a local "
             "diffusers folder, or a single-file .safetensors/.ckpt checkpoint"
         )
+    if classify_source(model.pretrained) == "single_file":
+        _check_pickle(Path(model.pretrained).expanduser(), model.allow_pickle, report)
     config = model.get("config")
     if config and config.startswith((".", "/", "~")) and not Path(config).expanduser().is_dir():
         report(
             f"model.config: folder {config!r} does not exist; give a local diffusers folder of the same "
             "architecture"
         )
+
+
+def _check_pickle(path: Path, allow_pickle: bool, report: Report) -> None:
+    """A pickle-based single file must load weights-only, unless the user opted in to full unpickling."""
+    from sdtune.checkpoint import PICKLE_SUFFIXES, UntrustedFileError, load_pickle_safely
+
+    if path.suffix.lower() not in PICKLE_SUFFIXES or allow_pickle:
+        return
+    try:
+        load_pickle_safely(path, key="model.pretrained", allow_pickle=False, mmap=True)
+    except UntrustedFileError as error:
+        report(str(error))
+    except (RuntimeError, OSError) as error:
+        report(f"model.pretrained: cannot read {path} as a PyTorch checkpoint ({error})")
 
 
 def _check_method(cfg: DictConfig, report: Report) -> None:
@@ -184,6 +200,9 @@ def _check_loss(cfg: DictConfig, report: Report) -> None:
         )
     if loss.snr_gamma is not None and not loss.snr_gamma > 0:
         report(f"loss.snr_gamma: must be positive or null, got {loss.snr_gamma}")
+    limit = loss.max_nonfinite_steps
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        report(f"loss.max_nonfinite_steps: must be an integer >= 1, got {limit!r}")
 
 
 def _check_sampling(cfg: DictConfig, report: Report) -> None:

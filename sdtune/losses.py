@@ -53,3 +53,48 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
 
 def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
     return losses.mean() if weights is None else (losses * weights).mean()
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training steps had a NaN/inf loss (or the weights became non-finite)."""
+
+
+LIKELY_CAUSES = (
+    "Likely causes: a learning rate too high for this method (lower method.lr, add method.lr_warmup_steps); "
+    "fp16 overflow, often in the VAE (use trainer.precision=bf16-mixed or 32-true, or an fp16-safe VAE); "
+    "bad data (an image that decodes to extreme values). Checkpoints are never written with non-finite "
+    "weights, so the last one is intact: fix the cause and continue with resume=<run dir>."
+)
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss is NaN/inf (those steps are skipped) and stops after `limit` in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.streak = 0
+
+    def update(self, finite: bool, step: int, last_checkpoint: str | None = None) -> None:
+        """Record one step; raises NonFiniteLossError on the `limit`-th non-finite step in a row."""
+        if finite:
+            self.streak = 0
+            return
+        self.total += 1
+        self.streak += 1
+        if self.streak >= self.limit:
+            where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+            raise NonFiniteLossError(
+                f"the loss was NaN/inf for {self.streak} consecutive steps (up to step {step}; "
+                f"{self.total} in total; loss.max_nonfinite_steps={self.limit}); stopping ({where}). "
+                + LIKELY_CAUSES
+            )
+
+    def check_weights(self, tensors: dict[str, Tensor], step: int) -> None:
+        """Raise NonFiniteLossError if any of `tensors` holds NaN/inf (called before writing a checkpoint)."""
+        broken = [name for name, value in tensors.items() if not torch.isfinite(value).all()]
+        if broken:
+            raise NonFiniteLossError(
+                f"the trained weights became NaN/inf by step {step} ({broken[0]}, {len(broken)} tensor(s)); "
+                "not writing this checkpoint. " + LIKELY_CAUSES
+            )

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sdtune.conditioning import ConditioningStack, Conditions
-from sdtune.losses import min_snr_weights, per_sample_mse, prediction_target, sample_noise
+from sdtune.losses import NonFiniteGuard, min_snr_weights, per_sample_mse, prediction_target, sample_noise
 from sdtune.models.loading import Stack
 from sdtune.sampling import generate, make_scheduler
 
@@ -31,16 +31,29 @@ class DiffusionModule(pl.LightningModule):
         self.prediction_type = loss.prediction_type or stack.noise_scheduler.config.prediction_type
         # Checkpoints hold only what trains; the frozen base comes from model.pretrained.
         self.strict_loading = False
+        self.nonfinite = NonFiniteGuard(loss.max_nonfinite_steps)
 
     # ---- training ---------------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         latents = self.encode_latents(batch["pixel_values"])
         conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
         loss = self.per_sample_loss(latents, conditions).mean()
+        if not self.loss_is_finite(loss):
+            return None  # Lightning skips backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=latents.shape[0])
         return loss
+
+    def loss_is_finite(self, loss: Tensor) -> bool:
+        """False when the loss is NaN/inf on any rank (the step is then skipped and counted)."""
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # skip on every rank or none, or DDP hangs
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", None)
+        self.nonfinite.update(finite, self.global_step, last)
+        self.log("train/nonfinite_steps", float(self.nonfinite.total), batch_size=1)
+        return finite
 
     @torch.no_grad()
     def encode_latents(self, pixels: Tensor) -> Tensor:
@@ -99,7 +112,12 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_parameters()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        self.nonfinite.check_weights(checkpoint["state_dict"], self.global_step)  # never save broken weights
         checkpoint["sdtune"] = {"method": self.method.name, "base_model": self.stack.base_model}
+        checkpoint["sdtune"]["nonfinite_steps"] = self.nonfinite.total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite.total = checkpoint.get("sdtune", {}).get("nonfinite_steps", 0)
 
     # ---- sampling ---------------------------------------------------------------------------------------
 

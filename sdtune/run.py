@@ -7,10 +7,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.utilities import rank_zero_only
+
 import sdtune
+from sdtune.data.fingerprint import DATASET_FILE
 from sdtune.io import atomic_write_json
+from sdtune.redact import redact
 
 MANIFEST = "manifest.json"
+SKIPPED_SAMPLES = "skipped_samples.json"
 
 
 class RunDirError(RuntimeError):
@@ -65,5 +70,16 @@ def write_manifest(
         **(extra or {}),
     }
     path = run_dir / MANIFEST
-    atomic_write_json(path, manifest)
+    atomic_write_json(path, redact(manifest))
     return path
+
+
+@rank_zero_only
+def record_data(run_dir: Path, datamodule: Any) -> None:
+    """Write what the run trains on (`dataset.json`) and the bad samples it skips (`skipped_samples.json`)."""
+    summary = getattr(datamodule, "summary", None)
+    if summary is not None:
+        atomic_write_json(run_dir / DATASET_FILE, summary)
+    if datamodule.skipped:
+        skipped = [{"sample": name, "reason": reason} for name, reason in datamodule.skipped]
+        atomic_write_json(run_dir / SKIPPED_SAMPLES, skipped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,25 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from sdtune.callbacks.interrupt import GracefulStop, TrainingInterrupted
+from sdtune.checkpoint import CheckpointWriteError, UntrustedFileError
 from sdtune.config import ConfigError, resolve_resume, validate
 from sdtune.data.records import DataError
 from sdtune.io import atomic_write_text
+from sdtune.losses import NonFiniteLossError
+from sdtune.redact import redact
 from sdtune.run import RunDirError, ensure_fresh_run_dir
 
-USER_ERRORS = (ConfigError, DataError, RunDirError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    RunDirError,
+    NonFiniteLossError,
+    UntrustedFileError,
+    CheckpointWriteError,
+)
 
 
 @dataclass
@@ -31,19 +44,27 @@ class Run:
 
 def train(cfg: DictConfig) -> Run:
     """Run one training job described by a composed `train.yaml`."""
+    from sdtune.callbacks.resume import ResumeState
+    from sdtune.checkpoint import AtomicCheckpointIO
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
     from sdtune.models.adapters import apply_method
     from sdtune.module import DiffusionModule
+    from sdtune.resume import dataset_change, read_checkpoint
+    from sdtune.run import record_data
 
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(run_dir)
     save_config(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
+    resume = resolve_resume(cfg.resume)
+    resumed = read_checkpoint(resume, cfg.model.allow_pickle) if resume else None  # refuses untrusted pickles
     datamodule = instantiate(cfg.data, cache_dir=cfg.paths.cache_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")  # every bad sample is reported here, before any model loads
+    record_data(run_dir, datamodule)
+    changed = dataset_change(resume, resumed, datamodule) if resume else None  # reported, not fatal
 
     stack = load_stack(cfg.model, Path(cfg.paths.cache_dir))
     apply_method(stack, cfg.method)
@@ -51,13 +72,25 @@ def train(cfg: DictConfig) -> Run:
 
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    callbacks += [ResumeState(), GracefulStop(last)]
     trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.resume))
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO(cfg.model.allow_pickle)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except SIGTERMException:  # Lightning's own stop after the step; GracefulStop saved the checkpoint
+        raise TrainingInterrupted(signal.SIGTERM, last, trainer.global_step) from None
+    if not last.exists():  # normally written at the final step by callbacks.checkpoint
+        trainer.save_checkpoint(last, weights_only=False)
     if trainer.is_global_zero:
-        finish(cfg, module, trainer, datamodule, run_dir)
+        facts = {
+            "dataset_fingerprint": (getattr(datamodule, "summary", None) or {}).get("fingerprint"),
+            "resumed_from": str(resume) if resume else None,
+            "dataset_changed_since_resume": changed,
+        }
+        finish(cfg, module, trainer, datamodule, run_dir, facts)
     return Run(run_dir, module, trainer)
 
 
@@ -74,11 +107,13 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     if not cfg.logger:
         return []
     logger = instantiate(cfg.logger)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
     return [logger]
 
 
-def finish(cfg: DictConfig, module: Any, trainer: pl.Trainer, datamodule: Any, run_dir: Path) -> None:
+def finish(
+    cfg: DictConfig, module: Any, trainer: pl.Trainer, datamodule: Any, run_dir: Path, facts: dict[str, Any]
+) -> None:
     """Rank 0: export the trained weights in the configured formats and write the manifest."""
     from sdtune.formats.exporters import context_from_module, export_run
     from sdtune.run import write_manifest
@@ -94,7 +129,11 @@ def finish(cfg: DictConfig, module: Any, trainer: pl.Trainer, datamodule: Any, r
         world_size=trainer.world_size,
         method=cfg.method.name,
         exports=exports,
-        extra={"num_train_images": datamodule.num_samples, "skipped_samples": len(datamodule.skipped)},
+        extra={
+            "num_train_images": datamodule.num_samples,
+            "skipped_samples": len(datamodule.skipped),
+            **facts,
+        },
     )
     for logger in trainer.loggers:
         _log_artifact(logger, run_dir, exports)
@@ -124,6 +163,14 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except TrainingInterrupted as stop:
+        from hydra.core.hydra_config import HydraConfig
+
+        from sdtune.resume import resume_command
+
+        command = resume_command(Path(cfg.paths.output_dir), list(HydraConfig.get().overrides.task))
+        print(f"{stop}\nto continue this run: {command}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     print(run.run_dir)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,9 +17,13 @@ from sdtune.data.transforms import ImageTransform
 
 
 def write_image(
-    path: Path, size: tuple[int, int] = (48, 32), colour: tuple[int, int, int] = (200, 10, 10)
+    path: Path, size: tuple[int, int] = (48, 32), colour: tuple[int, int, int] | None = None
 ) -> None:
+    """A solid image; its colour depends on the file name unless given (identical files are duplicates)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if colour is None:
+        digest = hashlib.sha256(path.name.encode()).digest()
+        colour = (digest[0], digest[1], digest[2])
     Image.new("RGB", size, colour).save(path)
 
 

@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdtune.data.fingerprint import dataset_summary
 from sdtune.data.records import Records, check, discover
+from sdtune.data.sampler import ResumableSampler
 from sdtune.data.transforms import ImageTransform
+from sdtune.data.validation import check_images
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +31,17 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        """`item` is an index, or (index, augmentation seed) from `ResumableSampler`."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ref = self.records.images[index]
         if self.records.hf_dataset is not None:
             image = self.records.hf_dataset[ref][self.image_column]
         else:
             with Image.open(ref) as opened:
                 image = opened.copy()
-        return {"pixel_values": self.transform(image), "caption": self.records.captions[index]}
+        return {"pixel_values": self.transform(image, generator), "caption": self.records.captions[index]}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -66,6 +72,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         on_bad_sample: str = "error",
         cache_dir: str | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -82,19 +89,24 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.on_bad_sample = on_bad_sample
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.shuffle_seed = shuffle_seed  # None: the run's seed (torch.initial_seed() after seed_everything)
         self.dataset: ImageCaptionDataset | None = None
         self.skipped: list[tuple[str, str]] = []
+        self.summary: dict[str, Any] | None = None  # what the run trains on (sdtune.data.fingerprint)
+        self.resumed_summary: dict[str, Any] | None = None  # the same, from the checkpoint resumed from
 
     @property
     def source(self) -> str:
         return self.hf_name or str(self.root)
 
     def setup(self, stage: str | None = None) -> None:
-        """Discover and check the records (raises DataError listing every bad sample)."""
+        """Discover and check the records, images included (raises DataError listing every bad sample)."""
         if self.dataset is not None:
             return
         records = discover(self.root, self.hf_name, **self.discover_kwargs)
+        records = check_images(records, self.transform.resolution, self.discover_kwargs["image_column"])
         self.skipped = check(records, self.source, self.on_bad_sample)
+        self.summary = dataset_summary(self._relative_names(records), records.digests, records.captions)
         if self.skipped:
             log.warning(
                 "skipping %d bad sample(s) in %s (data.on_bad_sample=skip)", len(self.skipped), self.source
@@ -105,16 +117,48 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     def num_samples(self) -> int:
         return len(self.dataset) if self.dataset is not None else 0
 
+    def _relative_names(self, records: Records) -> list[str]:
+        """Names independent of where the dataset lives: paths relative to the root, or row numbers."""
+        if records.hf_dataset is not None:
+            return [str(row) for row in records.images]
+        root = Path(str(self.root)).expanduser().resolve()
+        return [str(Path(path).relative_to(root)) for path in records.images]
+
     def train_dataloader(self) -> DataLoader:
+        """Seeded order, same batch count every epoch, resumable mid-epoch (`sdtune.data.sampler`)."""
+        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            len(self.dataset),
+            self.batch_size,
+            seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            position=self._position,
+        )
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
-            drop_last=len(self.dataset) >= self.batch_size,
+            generator=torch.Generator().manual_seed(seed),  # worker seeds without touching the global RNG
         )
+
+    def _position(self) -> tuple[int, int] | None:
+        """(epoch, batches of it already trained) from the trainer's progress, restored on resume."""
+        if self.trainer is None:
+            return None
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
+
+    def state_dict(self) -> dict[str, Any]:
+        summary = self.summary or {}
+        return {"dataset": {k: summary.get(k) for k in ("fingerprint", "num_samples")}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resumed_summary = state_dict.get("dataset")
 
 
 class ShapesDataModule(ImageCaptionDataModule):

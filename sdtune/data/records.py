@@ -23,6 +23,7 @@ class Records:
     names: list[str]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (sample, reason)
     hf_dataset: Any = None
+    digests: list[str] = field(default_factory=list)  # content hash of each image, once checked
 
     def __len__(self) -> int:
         return len(self.images)

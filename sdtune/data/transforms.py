@@ -16,11 +16,12 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image) -> Tensor:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> Tensor:
+        """`generator` drives the random crop and flip (the global RNG if None)."""
+        image = to_rgb(ImageOps.exif_transpose(image))
         image = self._resize(image)
-        image = self._crop(image)
-        if self.random_flip and torch.rand(()) < 0.5:
+        image = self._crop(image, generator)
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -33,12 +34,22 @@ class ImageTransform:
         size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
         return image.resize(size, Image.Resampling.BICUBIC)
 
-    def _crop(self, image: Image.Image) -> Image.Image:
+    def _crop(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
         w, h = image.size
         r = self.resolution
         if self.center_crop:
             left, top = (w - r) // 2, (h - r) // 2
         else:
-            left = int(torch.randint(0, w - r + 1, ()))
-            top = int(torch.randint(0, h - r + 1, ()))
+            left = int(torch.randint(0, w - r + 1, (), generator=generator))
+            top = int(torch.randint(0, h - r + 1, (), generator=generator))
         return image.crop((left, top, left + r, top + r))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Transparency (RGBA, LA, PA, a palette's transparent colour) is composited onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")

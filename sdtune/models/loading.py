@@ -72,7 +72,7 @@ def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
     elif kind == "hub":
         pipe, base = _from_pretrained(model.pretrained, model, local=False)
     elif kind == "single_file":
-        pipe, base = _from_single_file(model), str(Path(model.pretrained).expanduser().resolve())
+        pipe, base = _from_single_file(model, cache_dir), str(Path(model.pretrained).expanduser().resolve())
     else:
         raise ConfigError([f"model.pretrained: {model.pretrained!r} does not exist"])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -124,8 +124,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _from_single_file(model: DictConfig) -> Any:
+def _from_single_file(model: DictConfig, cache_dir: Path) -> Any:
     from diffusers import StableDiffusionPipeline
+
+    from sdtune.checkpoint import PICKLE_SUFFIXES, loads_weights_only, tensors_only_copy
 
     kwargs = _pipeline_kwargs(model)
     if model.get("config"):
@@ -134,8 +136,13 @@ def _from_single_file(model: DictConfig) -> Any:
         kwargs["config"] = str(config_path.resolve()) if config_path.is_dir() else config
     if _offline() or kwargs.get("config"):
         kwargs["local_files_only"] = True
+    source = Path(model.pretrained).expanduser()
+    # diffusers loads pickles weights-only; a trusted one that needs more is converted once (opt-in only)
+    is_pickle = source.suffix.lower() in PICKLE_SUFFIXES
+    if is_pickle and model.get("allow_pickle") and not loads_weights_only(source):
+        source = tensors_only_copy(source, cache_dir)
     try:
-        return StableDiffusionPipeline.from_single_file(str(Path(model.pretrained).expanduser()), **kwargs)
+        return StableDiffusionPipeline.from_single_file(str(source), **kwargs)
     except Exception as error:  # the single-file loader surfaces format problems as many error kinds
         raise ConfigError(
             [
