@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdtune.data.fingerprint import dataset_summary
 from sdtune.data.records import Records, check, discover
-from sdtune.data.sampler import ResumableSampler
+from sdtune.data.sampler import ResumableSampler, split_item
 from sdtune.data.transforms import ImageTransform
 from sdtune.data.validation import check_images
 
@@ -33,8 +33,7 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         """`item` is an index, or (index, augmentation seed) from `ResumableSampler`."""
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        index, generator = split_item(item)
         ref = self.records.images[index]
         if self.records.hf_dataset is not None:
             image = self.records.hf_dataset[ref][self.image_column]

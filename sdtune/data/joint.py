@@ -28,10 +28,14 @@ class JointTransform:
         images: dict[str, Image.Image] | None = None,
         labels: dict[str, np.ndarray] | None = None,
         augment: bool = True,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(main image in [-1, 1], {key: aligned tensor}); `augment=False` uses the centre crop, no flip."""
+        """(main image in [-1, 1], {key: aligned tensor}); `augment=False` uses the centre crop, no flip.
+
+        `generator` drives the random crop and flip (the global RNG if None).
+        """
         image = ImageOps.exif_transpose(image).convert("RGB")
-        size, box, flip = self._params(image.size, augment)
+        size, box, flip = self._params(image.size, augment, generator)
         out = {
             key: _pixels(self._apply(_rgb(im), size, box, flip, Image.Resampling.BICUBIC))
             for key, im in (images or {}).items()
@@ -42,7 +46,9 @@ class JointTransform:
             out[key] = torch.from_numpy(np.asarray(resized, dtype=np.int64).copy())
         return _pixels(self._apply(image, size, box, flip, Image.Resampling.BICUBIC)), out
 
-    def _params(self, size: tuple[int, int], augment: bool) -> tuple[tuple[int, int], tuple, bool]:
+    def _params(
+        self, size: tuple[int, int], augment: bool, generator: torch.Generator | None = None
+    ) -> tuple[tuple[int, int], tuple, bool]:
         w, h = size
         r = self.resolution
         scale = r / min(w, h)
@@ -50,9 +56,9 @@ class JointTransform:
         if self.center_crop or not augment:
             left, top = (resized[0] - r) // 2, (resized[1] - r) // 2
         else:
-            left = int(torch.randint(0, resized[0] - r + 1, ()))
-            top = int(torch.randint(0, resized[1] - r + 1, ()))
-        flip = augment and self.random_flip and bool(torch.rand(()) < 0.5)
+            left = int(torch.randint(0, resized[0] - r + 1, (), generator=generator))
+            top = int(torch.randint(0, resized[1] - r + 1, (), generator=generator))
+        flip = augment and self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         return resized, (left, top, left + r, top + r), flip
 
     @staticmethod

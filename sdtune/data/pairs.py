@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from sdtune.data.conditioned import ConditionedDataModule, metadata_entries, oriented_size
 from sdtune.data.joint import JointTransform
 from sdtune.data.records import Records
+from sdtune.data.sampler import split_item
 from sdtune.io import build_once
 
 PAIRS_VERSION = 1
@@ -92,16 +94,21 @@ class EditPairsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.item(index)
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, generator = split_item(item)
+        return self.item(index, generator=generator)
 
-    def item(self, index: int, augment: bool = True) -> dict[str, Any]:
+    def item(
+        self, index: int, augment: bool = True, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
         with (
             Image.open(self.records.images[index]) as target,
             Image.open(self.records.sources[index]) as source,
         ):
             target, source = target.copy(), source.copy()
-        pixels, aligned = self.transform(target, images={"source_pixel_values": source}, augment=augment)
+        pixels, aligned = self.transform(
+            target, images={"source_pixel_values": source}, augment=augment, generator=generator
+        )
         return {"pixel_values": pixels, **aligned, "caption": self.records.captions[index]}
 
 

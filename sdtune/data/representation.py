@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from sdtune.data.conditioned import ConditionedDataModule
 from sdtune.data.joint import JointTransform
 from sdtune.data.records import DataError, Records, discover
+from sdtune.data.sampler import split_item
 from sdtune.io import build_once
 
 VECTOR_SUFFIXES = (".npy", ".safetensors")
@@ -107,13 +108,16 @@ class RepresentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.item(index)
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, generator = split_item(item)
+        return self.item(index, generator=generator)
 
-    def item(self, index: int, augment: bool = True) -> dict[str, Any]:
+    def item(
+        self, index: int, augment: bool = True, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
         with Image.open(self.records.images[index]) as opened:
             image = opened.copy()
-        pixels, _ = self.transform(image, augment=augment)
+        pixels, _ = self.transform(image, augment=augment, generator=generator)
         return {
             "pixel_values": pixels,
             "caption": self.records.captions[index],

@@ -78,3 +78,11 @@ class ResumableSampler(DistributedSampler):
 def augmentation_seed(seed: int, epoch: int, position: int) -> int:
     """A seed for one item's random augmentation, distinct for every (seed, epoch, position)."""
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + position) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def split_item(item: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+    """(index, augmentation generator) of a dataset item: an index, or a `ResumableSampler` pair."""
+    if isinstance(item, tuple):
+        index, seed = item
+        return index, torch.Generator().manual_seed(seed)
+    return item, None

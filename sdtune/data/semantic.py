@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from sdtune.data.conditioned import ConditionedDataModule, metadata_entries, oriented_size
 from sdtune.data.joint import JointTransform
 from sdtune.data.records import IMAGE_SUFFIXES, DataError, Records
+from sdtune.data.sampler import split_item
 
 MAP_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
@@ -184,14 +186,17 @@ class SemanticMapDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.item(index)
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, generator = split_item(item)
+        return self.item(index, generator=generator)
 
-    def item(self, index: int, augment: bool = True) -> dict[str, Any]:
+    def item(
+        self, index: int, augment: bool = True, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
         with Image.open(self.records.images[index]) as opened:
             image = opened.copy()
         labels = read_label_map(self.records.maps[index], self.palette)
-        pixels, aligned = self.transform(image, labels={"map": labels}, augment=augment)
+        pixels, aligned = self.transform(image, labels={"map": labels}, augment=augment, generator=generator)
         return {"pixel_values": pixels, "map": aligned["map"], "caption": self.records.captions[index]}
 
 
