@@ -53,3 +53,17 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
 
 def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
     return losses.mean() if weights is None else (losses * weights).mean()
+
+
+def prior_preservation_loss(
+    losses: Tensor, is_class: Tensor, prior_loss_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DreamBooth's loss: the instance rows' mean + `prior_loss_weight` × the class rows' mean.
+
+    `losses` are per-sample losses of a batch holding instance and class images; `is_class` marks the class
+    rows. Returns (total, instance loss, class loss).
+    """
+    is_class = is_class.to(device=losses.device, dtype=torch.bool)
+    instance = losses[~is_class].mean()
+    prior = losses[is_class].mean()
+    return instance + prior_loss_weight * prior, instance, prior

@@ -10,7 +10,13 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sdtune.conditioning import ConditioningStack, Conditions
-from sdtune.losses import min_snr_weights, per_sample_mse, prediction_target, sample_noise
+from sdtune.losses import (
+    min_snr_weights,
+    per_sample_mse,
+    prediction_target,
+    prior_preservation_loss,
+    sample_noise,
+)
 from sdtune.models.loading import Stack
 from sdtune.sampling import generate, make_scheduler
 
@@ -35,12 +41,28 @@ class DiffusionModule(pl.LightningModule):
     # ---- training ---------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, parts = self.batch_loss(batch)
+        size = len(batch["pixel_values"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return loss
+
+    def batch_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of a batch, and its parts to log.
+
+        A DreamBooth batch (it has `is_class`) gives instance loss + `method.prior_loss_weight` × class loss.
+        """
         latents = self.encode_latents(batch["pixel_values"])
         conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
-        loss = self.per_sample_loss(latents, conditions).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=latents.shape[0])
-        return loss
+        losses = self.per_sample_loss(latents, conditions)
+        if "is_class" not in batch:
+            return losses.mean(), {}
+        loss, instance, prior = prior_preservation_loss(
+            losses, batch["is_class"], self.method.prior_loss_weight
+        )
+        return loss, {"instance_loss": instance.detach(), "prior_loss": prior.detach()}
 
     @torch.no_grad()
     def encode_latents(self, pixels: Tensor) -> Tensor:

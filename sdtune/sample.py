@@ -23,6 +23,9 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
         run_cfg = OmegaConf.load(source / ".hydra" / "config.yaml")
         manifest = OmegaConf.load(source / MANIFEST)
         lora = next((str(source / e.path) for e in manifest.exports if e.format == "diffusers"), None)
+        pipeline = next((source / e.path for e in manifest.exports if e.format == "pipeline"), None)
+        if pipeline is not None:  # a full fine-tune: its own pipeline replaces the base model
+            run_cfg.model.pretrained, run_cfg.model.config = str(pipeline.resolve()), None
         return run_cfg.model, run_cfg.conditioning, lora, run_cfg.data.resolution
     pretrained = None if cfg.source == "tiny" else str(cfg.source)
     model = OmegaConf.create(

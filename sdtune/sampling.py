@@ -54,10 +54,12 @@ def generate(
     seed: int,
     height: int,
     width: int,
+    noise_seeds: list[int] | None = None,
 ) -> Tensor:
     """Sample one image per entry of `batch` (conditions as in training); returns (B, 3, H, W) in [0, 1].
 
-    Image i starts from noise seeded with `seed + i`, so a grid is reproducible whatever the batch size.
+    Image i starts from noise seeded with `seed + i` (or `noise_seeds[i]`), so a grid is reproducible whatever
+    the batch size.
     """
     size = len(next(iter(batch.values())))
     device, dtype = unet.device, unet.dtype
@@ -65,7 +67,8 @@ def generate(
     uncond = conditioning(batch, conditioning.constant_drop(size, True)) if guidance > 1 else None
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (vae.config.latent_channels, height // scale, width // scale)
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(size)]
+    seeds = noise_seeds if noise_seeds is not None else [seed + i for i in range(size)]
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     scheduler.set_timesteps(steps, device=device)
     latents = torch.stack(noise).to(device, dtype) * scheduler.init_noise_sigma
     step_kwargs = {}

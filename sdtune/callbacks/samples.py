@@ -1,4 +1,6 @@
-"""Fixed-seed sample grids every N steps and at the end, saved as PNG and sent to the logger."""
+"""Fixed-seed sample grids every N steps and at the end, saved as PNG and sent to the logger.
+
+With an EMA of the weights (method=full) the samples show the averaged weights."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
+from sdtune.callbacks.ema import averaged_weights
 from sdtune.io import atomic_path
 from sdtune.sampling import make_grid, to_pil
 
@@ -40,7 +43,8 @@ class SampleCallback(pl.Callback):
             p for p in OmegaConf.to_container(self.sampling.prompts) for _ in range(self.sampling.per_prompt)
         ]
         batch = {"caption": prompts, "negative_caption": [self.sampling.negative_prompt] * len(prompts)}
-        images = to_pil(pl_module.sample(batch, self.sampling, self.resolution))
+        with averaged_weights(trainer, pl_module):
+            images = to_pil(pl_module.sample(batch, self.sampling, self.resolution))
         grid = make_grid(images, columns=self.sampling.per_prompt)
         self.out.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.out / f"step_{trainer.global_step:06d}.png") as tmp:

@@ -105,6 +105,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     def num_samples(self) -> int:
         return len(self.dataset) if self.dataset is not None else 0
 
+    def prepare_with_model(self, stack: Any, conditioning: Any, accelerator: str) -> None:
+        """Data made with the base model before training (DreamBooth class images); none here."""
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.dataset,
