@@ -1,6 +1,7 @@
 """Fixed-seed sample grids every N steps and at the end, saved as PNG and sent to the logger.
 
-With an EMA of the weights (method=full) the samples show the averaged weights."""
+With an EMA of the weights (method=full) the samples show the averaged weights.
+"""
 
 from __future__ import annotations
 
