@@ -118,9 +118,11 @@ def _check_pickle(path: Path, allow_pickle: bool, report: Report) -> None:
 
 
 def _check_method(cfg: DictConfig, report: Report) -> None:
-    from sdtune.models.adapters import VARIANTS
+    from sdtune.models.adapters import METHODS, VARIANTS
 
     method = cfg.method
+    if method.name not in METHODS:
+        report(f"method.name: unknown method {method.name!r}; use one of method={', method='.join(METHODS)}")
     if method.name == "lora":
         for key in ("rank", "alpha"):
             value = method[key]
@@ -147,8 +149,6 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
             )
         if method.num_vectors < 1:
             report(f"method.num_vectors: must be >= 1, got {method.num_vectors}")
-    else:
-        report(f"method.name: unknown method {method.name!r}; use method=lora or method=textual_inversion")
     if method.optimizer not in OPTIMIZERS:
         report(f"method.optimizer: {method.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if not method.lr > 0:
@@ -157,6 +157,23 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
         report(f"method.lr_scheduler: {method.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if method.lr_warmup_steps < 0:
         report(f"method.lr_warmup_steps: must be >= 0, got {method.lr_warmup_steps}")
+    if not method.prior_loss_weight >= 0:
+        report(f"method.prior_loss_weight: must be >= 0, got {method.prior_loss_weight}")
+    if method.ema is not None:
+        _check_ema(method.ema, report)
+
+
+def _check_ema(ema: DictConfig, report: Report) -> None:
+    from sdtune.callbacks.ema import DEVICES
+
+    if not 0 <= ema.decay < 1:
+        report(f"method.ema.decay: must be in [0, 1), e.g. 0.9999, got {ema.decay}")
+    if not isinstance(ema.update_every, int) or ema.update_every < 1:
+        report(f"method.ema.update_every: must be an integer >= 1, got {ema.update_every!r}")
+    if ema.device not in DEVICES:
+        report(f"method.ema.device: {ema.device!r} is not one of {', '.join(DEVICES)}")
+    if not isinstance(ema.warmup, bool):
+        report(f"method.ema.warmup: must be true or false, got {ema.warmup!r}")
 
 
 def _check_data(cfg: DictConfig, report: Report) -> None:
@@ -173,9 +190,46 @@ def _check_data(cfg: DictConfig, report: Report) -> None:
         )
     if root is not None and hf_name is None and not Path(root).expanduser().is_dir():
         report(f"data.root: folder {root!r} does not exist")
+    if data.name == "dreambooth":
+        _check_dreambooth(data, report)
     for name, component in (cfg.get("conditioning") or {}).items():
         if not 0 <= component.get("dropout", 0) <= 1:
             report(f"conditioning.{name}.dropout: must be in [0, 1], got {component.dropout}")
+
+
+def _check_dreambooth(data: DictConfig, report: Report) -> None:
+    from sdtune.data.class_images import list_images
+    from sdtune.data.records import IMAGE_SUFFIXES
+    from sdtune.sampling import SCHEDULERS
+
+    if data.instance_dir is not None:
+        folder = Path(data.instance_dir).expanduser()
+        if not folder.is_dir():
+            report(
+                f"data.instance_dir: folder {data.instance_dir!r} does not exist; give a folder of images of "
+                "your subject"
+            )
+        elif not list_images(folder):
+            report(f"data.instance_dir: no images ({', '.join(IMAGE_SUFFIXES)}) in {data.instance_dir!r}")
+    if not isinstance(data.instance_prompt, str) or not data.instance_prompt.strip():
+        report('data.instance_prompt: must be a prompt naming the subject, e.g. "a photo of sks dog"')
+    if data.class_prompt is None:
+        return  # no prior preservation
+    if not isinstance(data.class_prompt, str) or not data.class_prompt.strip():
+        report('data.class_prompt: must be a prompt, e.g. "a photo of dog", or null (no prior preservation)')
+    if not isinstance(data.num_class_images, int) or data.num_class_images < 1:
+        report(f"data.num_class_images: must be an integer >= 1, got {data.num_class_images!r}")
+    if data.class_dir is not None and Path(data.class_dir).expanduser().is_file():
+        report(f"data.class_dir: {data.class_dir!r} is a file; give a folder (created if missing)")
+    generation = data.class_generation
+    if generation.scheduler not in SCHEDULERS:
+        report(
+            f"data.class_generation.scheduler: unknown scheduler {generation.scheduler!r}; "
+            f"valid: {', '.join(SCHEDULERS)}"
+        )
+    for key in ("steps", "batch_size"):
+        if not isinstance(generation[key], int) or generation[key] < 1:
+            report(f"data.class_generation.{key}: must be an integer >= 1, got {generation[key]!r}")
 
 
 def _check_trainer(cfg: DictConfig, report: Report) -> None:
@@ -215,6 +269,9 @@ def _check_sampling(cfg: DictConfig, report: Report) -> None:
         )
     if sampling.steps < 1:
         report(f"sampling.steps: must be >= 1, got {sampling.steps}")
+    for i, prompt in enumerate(sampling.prompts or []):
+        if not isinstance(prompt, str):
+            report(f"sampling.prompts[{i}]: must be a prompt, got {prompt!r}; set sampling.prompts=[...]")
     if sampling.every_n_steps < 0:
         report(f"sampling.every_n_steps: must be >= 0 (0 = only at the end), got {sampling.every_n_steps}")
 

@@ -98,3 +98,17 @@ class NonFiniteGuard:
                 f"the trained weights became NaN/inf by step {step} ({broken[0]}, {len(broken)} tensor(s)); "
                 "not writing this checkpoint. " + LIKELY_CAUSES
             )
+
+
+def prior_preservation_loss(
+    losses: Tensor, is_class: Tensor, prior_loss_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DreamBooth's loss: the instance rows' mean + `prior_loss_weight` × the class rows' mean.
+
+    `losses` are per-sample losses of a batch holding instance and class images; `is_class` marks the class
+    rows. Returns (total, instance loss, class loss).
+    """
+    is_class = is_class.to(device=losses.device, dtype=torch.bool)
+    instance = losses[~is_class].mean()
+    prior = losses[is_class].mean()
+    return instance + prior_loss_weight * prior, instance, prior

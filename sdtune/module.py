@@ -10,7 +10,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sdtune.conditioning import ConditioningStack, Conditions
-from sdtune.losses import NonFiniteGuard, min_snr_weights, per_sample_mse, prediction_target, sample_noise
+from sdtune.losses import (
+    NonFiniteGuard,
+    min_snr_weights,
+    per_sample_mse,
+    prediction_target,
+    prior_preservation_loss,
+    sample_noise,
+)
 from sdtune.models.loading import Stack
 from sdtune.sampling import generate, make_scheduler
 
@@ -36,14 +43,30 @@ class DiffusionModule(pl.LightningModule):
     # ---- training ---------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        latents = self.encode_latents(batch["pixel_values"])
-        conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
-        loss = self.per_sample_loss(latents, conditions).mean()
+        loss, parts = self.batch_loss(batch)
         if not self.loss_is_finite(loss):
             return None  # Lightning skips backward and the optimizer step
-        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=latents.shape[0])
+        size = len(batch["pixel_values"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return loss
+
+    def batch_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of a batch, and its parts to log.
+
+        A DreamBooth batch (it has `is_class`) gives instance loss + `method.prior_loss_weight` × class loss.
+        """
+        latents = self.encode_latents(batch["pixel_values"])
+        conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
+        losses = self.per_sample_loss(latents, conditions)
+        if "is_class" not in batch:
+            return losses.mean(), {}
+        loss, instance, prior = prior_preservation_loss(
+            losses, batch["is_class"], self.method.prior_loss_weight
+        )
+        return loss, {"instance_loss": instance.detach(), "prior_loss": prior.detach()}
 
     def loss_is_finite(self, loss: Tensor) -> bool:
         """False when the loss is NaN/inf on any rank (the step is then skipped and counted)."""

@@ -31,8 +31,9 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
         lora = str(exports["diffusers"]) if "diffusers" in exports else None
         embedding = str(exports["embedding"]) if "embedding" in exports else None
         model = run_cfg.model
-        if lora is None and "merged" in exports:  # e.g. a U-Net widened for concat conditioning
-            model = OmegaConf.merge(model, {"pretrained": str(exports["merged"])})
+        pipeline = exports.get("pipeline", exports.get("merged"))
+        if lora is None and pipeline is not None:  # a full fine-tune or a widened U-Net: its own pipeline
+            model = OmegaConf.merge(model, {"pretrained": str(pipeline.resolve()), "config": None})
         return model, run_cfg.conditioning, lora, embedding, run_cfg.data.resolution
     pretrained = None if cfg.source == "tiny" else str(cfg.source)
     model = OmegaConf.create(

@@ -55,12 +55,14 @@ def generate(
     height: int,
     width: int,
     condition_guidance: dict[str, float] | None = None,
+    noise_seeds: list[int] | None = None,
 ) -> Tensor:
     """Sample one image per entry of `batch` (conditions as in training); returns (B, 3, H, W) in [0, 1].
 
-    Image i starts from noise seeded with `seed + i`, so a grid is reproducible whatever the batch size.
-    Guidance is classifier-free over all conditions at once (`guidance`; the unconditional prediction drops
-    every component), or, with `condition_guidance`, separate per condition: see `guidance_plan`.
+    Image i starts from noise seeded with `seed + i` (or `noise_seeds[i]`), so a grid is reproducible whatever
+    the batch size. Guidance is classifier-free over all conditions at once (`guidance`; the unconditional
+    prediction drops every component), or, with `condition_guidance`, separate per condition: see
+    `guidance_plan`.
     """
     size = len(next(iter(batch.values())))
     device, dtype = unet.device, unet.dtype
@@ -68,7 +70,8 @@ def generate(
     conditions = [conditioning(batch, conditioning.keep_only(size, kept)) for kept in levels]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (vae.config.latent_channels, height // scale, width // scale)
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(size)]
+    seeds = noise_seeds if noise_seeds is not None else [seed + i for i in range(size)]
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     scheduler.set_timesteps(steps, device=device)
     latents = torch.stack(noise).to(device, dtype) * scheduler.init_noise_sigma
     step_kwargs = {}

@@ -67,8 +67,10 @@ def train(cfg: DictConfig) -> Run:
     changed = dataset_change(resume, resumed, datamodule) if resume else None  # reported, not fatal
 
     stack = load_stack(cfg.model, Path(cfg.paths.cache_dir))
+    conditioning = build_conditioning(cfg.conditioning, stack)
+    datamodule.prepare_with_model(stack, conditioning, cfg.trainer.accelerator)  # DreamBooth class images
     apply_method(stack, cfg.method)
-    module = DiffusionModule(stack, build_conditioning(cfg.conditioning, stack), cfg.method, cfg.loss)
+    module = DiffusionModule(stack, conditioning, cfg.method, cfg.loss)
 
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -114,14 +116,16 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 def finish(
     cfg: DictConfig, module: Any, trainer: pl.Trainer, datamodule: Any, run_dir: Path, facts: dict[str, Any]
 ) -> None:
-    """Rank 0: export the trained weights in the configured formats and write the manifest."""
+    """Rank 0: export the weights (the EMA average if kept) in each configured format; write the manifest."""
+    from sdtune.callbacks.ema import averaged_weights
     from sdtune.formats.exporters import context_from_module, export_run
     from sdtune.run import write_manifest
 
-    ctx = context_from_module(
-        module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
-    )
-    exports = export_run(ctx, run_dir, list(cfg.export.formats))
+    with averaged_weights(trainer if cfg.export.ema else None, module) as ema_exported:
+        ctx = context_from_module(
+            module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
+        )
+        exports = export_run(ctx, run_dir, list(cfg.export.formats))
     write_manifest(
         run_dir,
         base_model=module.stack.base_model,
@@ -133,26 +137,28 @@ def finish(
             "num_train_images": datamodule.num_samples,
             "skipped_samples": len(datamodule.skipped),
             **facts,
+            "ema_exported": ema_exported,
         },
     )
     for logger in trainer.loggers:
-        _log_artifact(logger, run_dir, exports)
+        _log_artifact(logger, run_dir, exports, cfg.method.name)
 
 
-def _log_artifact(logger: Any, run_dir: Path, exports: list[dict[str, str]]) -> None:
+def _log_artifact(logger: Any, run_dir: Path, exports: list[dict[str, str]], method: str) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
     if not isinstance(logger, WandbLogger) or not exports:
         return
     import wandb
 
-    artifact = wandb.Artifact(name=f"lora-{logger.experiment.id}", type="lora")
+    kind = "lora" if method == "lora" else "model"
+    artifact = wandb.Artifact(name=f"{method}-{logger.experiment.id}", type=kind)
     for export in exports:
         path = run_dir / export["path"]
-        if path.is_dir():
-            artifact.add_dir(str(path), name=export["path"])
+        if path.is_dir():  # a full pipeline is gigabytes: referenced where it lies, not uploaded
+            artifact.add_reference(path.resolve().as_uri(), name=export["format"])
         else:
-            artifact.add_file(str(path), name=export["path"])
+            artifact.add_file(str(path))
     logger.experiment.log_artifact(artifact)
 
 

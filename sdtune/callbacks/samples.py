@@ -1,4 +1,7 @@
-"""Fixed-seed sample grids every N steps and at the end, saved as PNG and sent to the logger."""
+"""Fixed-seed sample grids every N steps and at the end, saved as PNG and sent to the logger.
+
+With an EMA of the weights (method=full) the samples show the averaged weights.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
+from sdtune.callbacks.ema import averaged_weights
 from sdtune.io import atomic_path
 from sdtune.sampling import make_grid, to_pil
 
@@ -52,7 +56,8 @@ class SampleCallback(pl.Callback):
             prompts = [p for p in OmegaConf.to_container(self.sampling.prompts) for _ in range(per_prompt)]
             batch = {"caption": prompts}
         batch["negative_caption"] = [self.sampling.negative_prompt] * len(prompts)
-        images = to_pil(pl_module.sample(batch, self.sampling, self.resolution))
+        with averaged_weights(trainer, pl_module):
+            images = to_pil(pl_module.sample(batch, self.sampling, self.resolution))
         shown = pl_module.conditioning.visualize(batch)  # e.g. the colourised map, per sample
         if shown:
             images = [

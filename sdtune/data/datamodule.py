@@ -123,6 +123,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         root = Path(str(self.root)).expanduser().resolve()
         return [str(Path(path).relative_to(root)) for path in records.images]
 
+    def prepare_with_model(self, stack: Any, conditioning: Any, accelerator: str) -> None:
+        """Data made with the base model before training (DreamBooth class images); none here."""
+
     def train_dataloader(self) -> DataLoader:
         """Seeded order, same batch count every epoch, resumable mid-epoch (`sdtune.data.sampler`)."""
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()

@@ -305,6 +305,7 @@ EXPORTERS: dict[str, Callable[[ExportContext, Path], Path]] = {
     "kohya": export_kohya,
     "peft": export_peft,
     "merged": export_merged,
+    "pipeline": export_merged,  # the name full fine-tuning users expect; the same full pipeline
     "single_file": export_single_file,
     "embedding": export_embedding,
     "a1111_embedding": export_a1111_embedding,
@@ -316,6 +317,7 @@ RUN_PATHS = {
     "kohya": "lora/kohya.safetensors",
     "peft": "lora/peft",
     "merged": "pipeline",
+    "pipeline": "pipeline",
     "single_file": "model.safetensors",
     "embedding": "embeddings/learned_embeds.safetensors",
     "a1111_embedding": "embeddings",

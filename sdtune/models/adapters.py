@@ -64,8 +64,20 @@ def add_adapter(model: Any, config: Any) -> None:
     model.peft_config = {ADAPTER_NAME: config}
 
 
+def apply_full(stack: Any, method: DictConfig) -> None:
+    """All U-Net weights train, the text encoder's with `method.train_text_encoder`; the VAE stays frozen."""
+    stack.unet.requires_grad_(True)
+    if method.gradient_checkpointing:
+        stack.unet.enable_gradient_checkpointing()
+    if method.train_text_encoder:
+        stack.text_encoder.requires_grad_(True)
+        if method.gradient_checkpointing:
+            stack.text_encoder.gradient_checkpointing_enable()
+
+
 METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
     "lora": apply_lora,
+    "full": apply_full,
     "textual_inversion": apply_textual_inversion,
 }
 
