@@ -181,5 +181,5 @@ def test_bad_full_settings_are_reported(train_cfg) -> None:
     message = str(info.value)
     for key in ("method.ema.decay", "method.ema.update_every", "method.ema.device", "export.formats"):
         assert key in message
-    with pytest.raises(ConfigError, match="pipeline needs method=full"):
-        validate(train_cfg("method=lora", "export.formats=[pipeline]"))
+    with pytest.raises(ConfigError, match="method=full trains no adapter"):
+        validate(train_cfg("method=full", "export.formats=[diffusers]"))
