@@ -37,8 +37,11 @@ def default_precision() -> str:
 
 
 def register_resolvers() -> None:
+    from sdtune.distributed import register_resolvers as register_distributed_resolvers
+
     if not OmegaConf.has_resolver("sdtune_precision"):
         OmegaConf.register_new_resolver("sdtune_precision", default_precision)
+    register_distributed_resolvers()
 
 
 register_resolvers()
@@ -55,7 +58,10 @@ def resolve_resume(resume: str | None) -> Path | None:
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem in `cfg` (a composed `train.yaml`)."""
     problems: list[str] = []
-    for check in (_check_model, _check_method, _check_data, _check_trainer, _check_loss, _check_sampling):
+    from sdtune.distributed import check_distributed
+
+    checks = (_check_model, _check_method, _check_data, _check_trainer, _check_loss, _check_sampling)
+    for check in (*checks, check_distributed):
         check(cfg, problems.append)
     resume = resolve_resume(cfg.get("resume"))
     if resume is not None and not resume.is_file():

@@ -14,7 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config import ConfigError, resolve_resume, validate
 from sdtune.data.records import DataError
-from sdtune.run import RunDirError, ensure_fresh_run_dir
+from sdtune.distributed import (
+    FinalCheckpointInChildren,
+    apply_batch_semantics,
+    cluster_plugins,
+    save_final_checkpoint,
+)
+from sdtune.run import RunDirError, ensure_fresh_run_dir, requeue_checkpoint
 
 USER_ERRORS = (ConfigError, DataError, RunDirError)
 
@@ -49,11 +55,20 @@ def train(cfg: DictConfig) -> Run:
 
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
+    callbacks.append(FinalCheckpointInChildren(str(last_ckpt)))
     trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False
+        cfg.trainer,
+        default_root_dir=str(run_dir),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=cluster_plugins(),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.resume))
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    apply_batch_semantics(cfg, trainer)
+    # A requeued SLURM job continues from what its previous attempt saved, whatever `resume` says.
+    ckpt_path = requeue_checkpoint(run_dir) or resolve_resume(cfg.resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    save_final_checkpoint(trainer, last_ckpt)
     if trainer.is_global_zero:
         finish(cfg, module, trainer, datamodule, run_dir)
     return Run(run_dir, module, trainer)
@@ -107,7 +122,8 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(run.run_dir)
+    if run.trainer.is_global_zero:
+        print(run.run_dir)
 
 
 if __name__ == "__main__":
