@@ -87,6 +87,7 @@ def _sweep_group() -> str | None:
 
 
 def register_resolvers() -> None:
+    """Register the `sdtune_slurm_devices`, `sdtune_slurm_nodes` and `sdtune_sweep_group` config resolvers."""
     resolvers: dict[str, Callable[..., Any]] = {
         "sdtune_slurm_devices": _slurm_devices,
         "sdtune_slurm_nodes": _slurm_nodes,
@@ -95,6 +96,9 @@ def register_resolvers() -> None:
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()
 
 
 # ---- strategies -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sdtune.data.records import DataError
 from sdtune.distributed import (
     FinalCheckpointInChildren,
     apply_batch_semantics,
+    batch_semantics,
     cluster_plugins,
     save_final_checkpoint,
 )
@@ -96,7 +97,11 @@ def finish(cfg: DictConfig, module: Any, trainer: pl.Trainer, datamodule: Any, r
         world_size=trainer.world_size,
         method=cfg.method.name,
         exports=exports,
-        extra={"num_train_images": datamodule.num_samples, "skipped_samples": len(datamodule.skipped)},
+        extra={
+            "num_train_images": datamodule.num_samples,
+            "skipped_samples": len(datamodule.skipped),
+            "effective_batch_size": batch_semantics(trainer, cfg.data.batch_size).effective,
+        },
     )
     for logger in trainer.loggers:
         _log_artifact(logger, run_dir, exports)

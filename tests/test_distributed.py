@@ -32,6 +32,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
+import sdtune.config  # noqa: F401  (registers the config resolvers)
+
 REPO = Path(__file__).resolve().parents[1]
 LR = 1e-3
 TINY = [
@@ -178,6 +180,133 @@ def reference(same_images, tmp_path_factory, cache_dir) -> dict:
     return ranks(base / "probe", 1)[0]
 
 
+# ---- configuration (no processes) -----------------------------------------------------------------------
+
+SLURM_JOB_ENV = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2"}
+
+
+@pytest.fixture
+def in_slurm_job(monkeypatch):
+    """The environment `srun` gives each task of a 2-node × 2-task job."""
+    for key, value in {**SLURM_JOB_ENV, "SLURM_JOB_NAME": "sdtune"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "strategy"),
+    [
+        ("ddp", "ddp"),
+        ("ddp_spawn", "ddp_spawn"),
+        ("ddp_fork", "ddp_fork"),
+        ("multinode", "ddp"),
+        ("cpu", "auto"),
+    ],
+)
+def test_cpu_trainer_configs_build_their_strategy(train_cfg, trainer: str, strategy: str) -> None:
+    from hydra.utils import instantiate
+
+    from sdtune.distributed import strategy_name
+
+    cfg = train_cfg("+experiment=lora", f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2")
+    assert strategy_name(cfg.trainer) == strategy
+    if trainer == "multinode":
+        return  # needs MASTER_ADDR/NODE_RANK (tested below)
+    built = instantiate(cfg.trainer, logger=False)
+    assert built.world_size == 2 and built.strategy.root_device.type == "cpu"
+    if strategy.startswith("ddp"):
+        assert built.strategy._start_method == {"ddp": "popen"}.get(strategy, strategy.removeprefix("ddp_"))
+        assert built.strategy._ddp_kwargs == {"find_unused_parameters": False}
+        assert built.strategy._get_process_group_backend() == "gloo"
+
+
+def test_layout_problems_are_reported_with_the_fix(train_cfg, monkeypatch) -> None:
+    from hydra.utils import instantiate
+
+    from sdtune.config import ConfigError, validate
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    fsdp_cfg = train_cfg("+experiment=lora", "trainer=fsdp", "trainer.accelerator=cpu")
+    with pytest.raises(ConfigError) as fsdp:
+        validate(fsdp_cfg)
+    assert "FSDP" in str(fsdp.value) and "trainer=ddp" in str(fsdp.value)
+    strategy = instantiate(fsdp_cfg.trainer.strategy)  # builds (it only runs on GPUs)
+    assert strategy.kwargs["use_orig_params"] and "ResnetBlock2D" in str(strategy.kwargs["auto_wrap_policy"])
+    with pytest.raises(ConfigError) as multinode:
+        validate(train_cfg("+experiment=lora", "trainer=multinode", "trainer.accelerator=cpu"))
+    assert "MASTER_ADDR, MASTER_PORT, NODE_RANK" in str(multinode.value)
+    with pytest.raises(ConfigError, match="lr_reference_batch"):
+        validate(train_cfg("+experiment=lora", "method.scale_lr=true", "method.lr_reference_batch=0"))
+
+
+def test_under_slurm_devices_and_nodes_follow_the_job(train_cfg, in_slurm_job) -> None:
+    from sdtune.config import ConfigError, validate
+
+    cfg = train_cfg("+experiment=lora", "trainer=ddp", "trainer.accelerator=cpu")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (2, 2)
+    validate(cfg)
+    with pytest.raises(ConfigError) as error:
+        validate(
+            train_cfg("+experiment=lora", "trainer=ddp_fork", "trainer.devices=4", "trainer.num_nodes=1")
+        )
+    message = str(error.value)
+    assert "--ntasks-per-node=4" in message and "--nodes=1" in message and "use trainer=ddp" in message
+
+
+def test_batch_semantics_and_linear_lr_scaling(train_cfg) -> None:
+    from types import SimpleNamespace
+
+    from sdtune.distributed import apply_batch_semantics
+
+    trainer = SimpleNamespace(num_devices=4, num_nodes=2, accumulate_grad_batches=3, is_global_zero=True)
+    cfg = train_cfg("+experiment=lora", "data.batch_size=2", "method.lr=1e-4")
+    assert apply_batch_semantics(cfg, trainer).effective == 48
+    assert cfg.method.lr == 1e-4  # no scaling unless asked
+    cfg = train_cfg(
+        "+experiment=lora",
+        "data.batch_size=2",
+        "method.lr=1e-4",
+        "method.scale_lr=true",
+        "method.lr_reference_batch=8",
+    )
+    semantics = apply_batch_semantics(cfg, trainer)
+    assert str(semantics).startswith(
+        "effective batch 48 = 2 per device × 4 device(s) × 2 node(s) × 3 accumulation"
+    )
+    assert cfg.method.lr == pytest.approx(6e-4) and cfg.method.text_encoder_lr == pytest.approx(6e-4)
+
+
+def test_a_requeued_slurm_job_reuses_its_run_directory(tmp_path, monkeypatch) -> None:
+    from sdtune.callbacks.requeue import next_hpc_checkpoint
+    from sdtune.run import RunDirError, ensure_fresh_run_dir, requeue_checkpoint
+
+    for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    assert next_hpc_checkpoint(tmp_path).name == "hpc_ckpt_1.ckpt"
+    for n, age in ((1, 30), (2, 20)):
+        path = tmp_path / f"hpc_ckpt_{n}.ckpt"
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - age, time.time() - age))
+    os.utime(last, (time.time() - 25, time.time() - 25))
+    assert next_hpc_checkpoint(tmp_path).name == "hpc_ckpt_3.ckpt"
+
+    with pytest.raises(RunDirError):
+        ensure_fresh_run_dir(tmp_path)  # a new run, not a requeue
+    assert requeue_checkpoint(tmp_path) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(RunDirError):
+        ensure_fresh_run_dir(tmp_path)  # first attempt of a job that reuses another run's directory
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    ensure_fresh_run_dir(tmp_path)
+    assert requeue_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_2.ckpt"  # the newest
+    os.utime(last)
+    assert requeue_checkpoint(tmp_path) == last  # e.g. a node failed after a periodic checkpoint
+
+
 # ---- CPU DDP, no SLURM ----------------------------------------------------------------------------------
 
 
@@ -205,6 +334,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_effective_batch(
     assert_matches_reference(states[0], reference)
     assert_export_is(run_dir, states[0]["params"])
     assert manifest(run_dir)["world_size"] == 2 and manifest(run_dir)["global_step"] == MAX_STEPS
+    assert manifest(run_dir)["effective_batch_size"] == 2
 
     # Side effects happen once: one export, one sample grid, one W&B run (in the run directory).
     assert sorted(p.name for p in (run_dir / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
@@ -241,8 +371,10 @@ def test_ddp_fork_trains_in_children_and_keeps_a_resumable_checkpoint(
     assert int(last["optimizer_states"][0]["state"][0]["step"]) == MAX_STEPS
 
 
-def test_two_nodes_on_localhost_form_one_world(tmp_path, cache_dir) -> None:
-    run_dir, port = tmp_path / "run", free_port()
+def test_two_nodes_on_localhost_form_one_world(tmp_path) -> None:
+    """NODE_RANK/MASTER_ADDR/MASTER_PORT, 1 device each: one world of 2 with disjoint data shards. Both
+    start at once from an empty cache: the tiny stack and the shapes world must be built once."""
+    run_dir, port, cache = tmp_path / "run", free_port(), tmp_path / "fresh-cache"
     args = [
         *TINY,
         "trainer=multinode",
@@ -259,7 +391,12 @@ def test_two_nodes_on_localhost_form_one_world(tmp_path, cache_dir) -> None:
         subprocess.Popen(
             [sys.executable, "-m", "sdtune.train", *args],
             cwd=tmp_path,
-            env=child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank)),
+            env=child_env(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                NODE_RANK=str(rank),
+                SDTUNE_CACHE_DIR=str(cache),
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -274,6 +411,10 @@ def test_two_nodes_on_localhost_form_one_world(tmp_path, cache_dir) -> None:
     states = ranks(tmp_path / "probe", 2)
     assert_identical_ranks(states)
     assert_disjoint_shards(states, num_images=8)
+    built = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    assert len([n for n in built if n.startswith("tiny-sd-")]) == 1 and not [
+        n for n in built if ".tmp" in n
+    ], built
 
 
 # ---- SLURM ----------------------------------------------------------------------------------------------
@@ -359,44 +500,18 @@ def slurm_log(cwd: Path, job_id: str) -> str:
     return (cwd / "slurm" / "logs" / f"sdtune-{job_id}.out").read_text(errors="replace")
 
 
-def test_sbatch_template_trains_on_two_tasks_and_exports(slurm, tmp_path) -> None:
-    """Also builds the caches from scratch: both tasks start at once and must build them once."""
-    cache = tmp_path / "fresh-cache"
-    env = child_env(PYTHON=sys.executable, SDTUNE_CACHE_DIR=str(cache))
-    job = sbatch(
-        *TINY,
-        "trainer.max_steps=2",
-        "data.num_images=8",
-        "data.batch_size=2",
-        "logger=csv",
-        *probe_args(tmp_path / "probe"),
-        cwd=tmp_path,
-        env=env,
-        jobs=slurm,
-    )
-    assert accounted_state(job) == "COMPLETED", slurm_log(tmp_path, job)[-4000:]
-    run_dir = tmp_path / "outputs" / "slurm" / f"sdtune-{job}"
-    assert manifest(run_dir)["world_size"] == 2 and manifest(run_dir)["global_step"] == 2
-    assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert (run_dir / f"slurm-{job}.out").resolve() == (tmp_path / "slurm" / "logs" / f"sdtune-{job}.out")
-    assert "effective batch 4 = 2 per device × 2 device(s)" in slurm_log(tmp_path, job)
-    states = ranks(tmp_path / "probe", 2)
-    assert_identical_ranks(states)
-    assert_disjoint_shards(states, num_images=8)
-    built = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
-    assert len([n for n in built if n.startswith("tiny-sd-")]) == 1, built
-    assert not [n for n in built if ".tmp-" in n], built
-
-
-def test_preempted_job_checkpoints_requeues_and_ends_at_max_steps(
+def test_sbatch_job_is_preempted_requeued_and_ends_as_if_uninterrupted(
     slurm, reference, same_images, tmp_path
 ) -> None:
+    """`sbatch slurm/train.sbatch` on 2 tasks; `scancel -s USR1` mid-run (what `--signal=SIGUSR1@90` sends
+    before the time limit: to the job steps, not the batch shell) → checkpoint at the next step → requeue →
+    the same job id resumes in the same run directory, ends at max_steps, exports."""
     probe = tmp_path / "probe"
     env = child_env(PYTHON=sys.executable)
     job = sbatch(
         *same_data(same_images),
         "data.batch_size=1",
-        "logger=none",
+        "logger=wandb",
         *probe_args(probe, per_sample_seeds=True, step_delay=2.0),
         cwd=tmp_path,
         env=env,
@@ -404,7 +519,6 @@ def test_preempted_job_checkpoints_requeues_and_ends_at_max_steps(
     )
     progress = probe / "progress"
     wait_until(lambda: progress.is_file() and int(progress.read_text()) >= 1, 300, "the first training step")
-    # The signal --signal=SIGUSR1@90 sends before the time limit; only job steps get it, not the batch shell.
     subprocess.run(["scancel", "-s", "USR1", job], check=True, timeout=30)
     wait_until(lambda: job_state(job) == "PENDING", 120, "the requeued job to be pending")
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
@@ -413,12 +527,15 @@ def test_preempted_job_checkpoints_requeues_and_ends_at_max_steps(
     run_dir = tmp_path / "outputs" / "slurm" / f"sdtune-{job}"
     log = slurm_log(tmp_path, job)
     assert f"job {job} (attempt 2)" in log
+    assert log.count("effective batch 2 = 1 per device × 2 device(s) × 1 node(s)") == 2  # rank 0, per attempt
+    assert (run_dir / f"slurm-{job}.out").resolve() == (tmp_path / "slurm" / "logs" / f"sdtune-{job}.out")
     restored = [line for line in log.splitlines() if "Restored all states from the checkpoint" in line]
     assert len(restored) == 1 and restored[0].endswith(f"sdtune-{job}/hpc_ckpt_1.ckpt"), restored
     hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)
     assert 2 <= hpc["global_step"] < MAX_STEPS  # saved at a step boundary, mid-run
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == MAX_STEPS == manifest(run_dir)["global_step"]
+    assert manifest(run_dir)["world_size"] == 2
     assert int(last["optimizer_states"][0]["state"][0]["step"]) == MAX_STEPS
     assert last["lr_schedulers"][0]["last_epoch"] == MAX_STEPS
     states = ranks(probe, 2)
@@ -427,6 +544,9 @@ def test_preempted_job_checkpoints_requeues_and_ends_at_max_steps(
     # checkpoint's step: no first-step gradients to compare).
     assert_matches_reference(states[0], reference, first_step=False)
     assert_export_is(run_dir, states[0]["params"])
+    # One W&B run across both attempts (offline: one folder per attempt, with the same run id).
+    attempts = sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and attempts[0] == attempts[1], attempts
 
 
 def test_submitit_sweep_runs_one_job_per_point(slurm, tmp_path, cache_dir) -> None:
@@ -436,7 +556,7 @@ def test_submitit_sweep_runs_one_job_per_point(slurm, tmp_path, cache_dir) -> No
         result = train_cli(
             "-m",
             "hydra/launcher=slurm",
-            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.tasks_per_node=1",
             "hydra.launcher.cpus_per_task=1",
             f"hydra.launcher.name={name}",
             f"hydra.sweep.dir={sweep_dir}",
@@ -454,10 +574,10 @@ def test_submitit_sweep_runs_one_job_per_point(slurm, tmp_path, cache_dir) -> No
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     for num, rank in ((0, 2), (1, 4)):
         run_dir = sweep_dir / str(num)
-        assert manifest(run_dir)["world_size"] == 2  # trainer.devices followed the launcher's tasks_per_node
+        assert manifest(run_dir)["world_size"] == 1
         with safe_open(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
             assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.r"] == rank
         (wandb_run,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
         assert sweep_dir.name.encode() in wandb_run.read_bytes(), "W&B group is not the sweep"
-    jobs = sorted(p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir())
-    assert [job.split("_")[1] for job in jobs] == ["0", "1"], jobs  # one SLURM array element per point
+    elements = sorted(p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir() and "_" in p.name)
+    assert [e.split("_")[1] for e in elements] == ["0", "1"], elements  # one SLURM array element per point
