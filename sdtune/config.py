@@ -37,8 +37,11 @@ def default_precision() -> str:
 
 
 def register_resolvers() -> None:
+    from sdtune.distributed import register_resolvers as register_distributed_resolvers
+
     if not OmegaConf.has_resolver("sdtune_precision"):
         OmegaConf.register_new_resolver("sdtune_precision", default_precision)
+    register_distributed_resolvers()
 
 
 register_resolvers()
@@ -55,6 +58,8 @@ def resolve_resume(resume: str | None) -> Path | None:
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem in `cfg` (a composed `train.yaml`)."""
     problems: list[str] = []
+    from sdtune.distributed import check_distributed
+
     checks = (
         _check_model,
         _check_method,
@@ -64,6 +69,7 @@ def validate(cfg: DictConfig) -> None:
         _check_sampling,
         _check_export,
         _check_conditioning,
+        check_distributed,
     )
     for check in checks:
         check(cfg, problems.append)

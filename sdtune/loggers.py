@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pytorch_lightning.loggers import WandbLogger
@@ -32,8 +33,11 @@ def wandb_logger(
     tags: list[str] | None = None,
     mode: str | None = None,
 ) -> WandbLogger:
-    """A WandbLogger writing under `save_dir/wandb`."""
+    """A WandbLogger writing under `save_dir/wandb`; a requeued SLURM job continues its earlier W&B run."""
+    from sdtune.run import slurm_restart_count
+
     resolved = wandb_mode(mode)
+    run_id = previous_wandb_run(Path(save_dir)) if slurm_restart_count() else None
     os.environ.setdefault("WANDB_DIR", save_dir)  # forked DDP ranks otherwise write to ./wandb
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(
@@ -45,4 +49,17 @@ def wandb_logger(
         offline=resolved == "offline",
         mode=resolved,
         settings={"init_timeout": 60},
+        id=run_id,
+        resume="allow" if run_id else None,
     )
+
+
+_RUN_DIR = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)")
+
+
+def previous_wandb_run(save_dir: Path) -> str | None:
+    """The id of the newest W&B run under `save_dir/wandb`, if any."""
+    runs = [p for p in (save_dir / "wandb").glob("*run-*") if p.is_dir() and _RUN_DIR.fullmatch(p.name)]
+    if not runs:
+        return None
+    return _RUN_DIR.fullmatch(max(runs, key=lambda p: p.stat().st_mtime).name).group(1)

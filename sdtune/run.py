@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,37 @@ class RunDirError(RuntimeError):
 
 
 def ensure_fresh_run_dir(run_dir: Path) -> None:
-    """Refuse a run directory that already holds a run's checkpoints or manifest."""
+    """Refuse a run directory that already holds a run's checkpoints or manifest.
+
+    A requeued SLURM job (same job id, same run directory; see `slurm_restart_count`) is the same run: its
+    directory is accepted, and `requeue_checkpoint` says where it resumes from.
+    """
     taken = [name for name in ("checkpoints", MANIFEST) if (run_dir / name).exists()]
-    if taken:
+    if taken and slurm_restart_count() == 0:
         raise RunDirError(
             f"run directory {run_dir} already holds a run ({', '.join(taken)}); choose a new hydra.run.dir, "
             f"or continue that run with resume={run_dir} (outputs then go to a new directory)"
         )
+
+
+def slurm_restart_count() -> int:
+    """How many times SLURM has requeued this job (SLURM_RESTART_COUNT); 0 outside SLURM."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return 0
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def requeue_checkpoint(run_dir: Path) -> Path | None:
+    """In a requeued SLURM job: the newest checkpoint an earlier attempt left in `run_dir`, else None.
+
+    Candidates are `hpc_ckpt_<n>.ckpt` (saved on SIGUSR1 by `sdtune.callbacks.requeue.SlurmRequeue`, or by
+    Lightning) and `checkpoints/last.ckpt` (the periodic checkpoint, e.g. after a node failure).
+    """
+    if slurm_restart_count() == 0:
+        return None
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "checkpoints" / "last.ckpt"]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
 
 def git_commit() -> str | None:

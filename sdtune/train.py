@@ -18,10 +18,17 @@ from sdtune.callbacks.interrupt import GracefulStop, TrainingInterrupted
 from sdtune.checkpoint import CheckpointWriteError, UntrustedFileError
 from sdtune.config import ConfigError, resolve_resume, validate
 from sdtune.data.records import DataError
+from sdtune.distributed import (
+    FinalCheckpointInChildren,
+    apply_batch_semantics,
+    batch_semantics,
+    cluster_plugins,
+    save_final_checkpoint,
+)
 from sdtune.io import atomic_write_text
 from sdtune.losses import NonFiniteLossError
 from sdtune.redact import redact
-from sdtune.run import RunDirError, ensure_fresh_run_dir
+from sdtune.run import RunDirError, ensure_fresh_run_dir, requeue_checkpoint
 
 USER_ERRORS = (
     ConfigError,
@@ -75,17 +82,23 @@ def train(cfg: DictConfig) -> Run:
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     last = run_dir / "checkpoints" / "last.ckpt"
-    callbacks += [ResumeState(), GracefulStop(last)]
+    callbacks += [ResumeState(), GracefulStop(last), FinalCheckpointInChildren(str(last))]
     trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False
+        cfg.trainer,
+        default_root_dir=str(run_dir),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=cluster_plugins(),
     )
     trainer.strategy.checkpoint_io = AtomicCheckpointIO(cfg.model.allow_pickle)
+    apply_batch_semantics(cfg, trainer)
+    # A requeued SLURM job continues from what its previous attempt saved, whatever `resume` says.
+    ckpt_path = requeue_checkpoint(run_dir) or resume
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning's own stop after the step; GracefulStop saved the checkpoint
         raise TrainingInterrupted(signal.SIGTERM, last, trainer.global_step) from None
-    if not last.exists():  # normally written at the final step by callbacks.checkpoint
-        trainer.save_checkpoint(last, weights_only=False)
+    save_final_checkpoint(trainer, last)
     if trainer.is_global_zero:
         facts = {
             "dataset_fingerprint": (getattr(datamodule, "summary", None) or {}).get("fingerprint"),
@@ -138,6 +151,7 @@ def finish(
             "skipped_samples": len(datamodule.skipped),
             **facts,
             "ema_exported": ema_exported,
+            "effective_batch_size": batch_semantics(trainer, cfg.data.batch_size).effective,
         },
     )
     for logger in trainer.loggers:
@@ -177,7 +191,8 @@ def main(cfg: DictConfig) -> None:
         command = resume_command(Path(cfg.paths.output_dir), list(HydraConfig.get().overrides.task))
         print(f"{stop}\nto continue this run: {command}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
-    print(run.run_dir)
+    if run.trainer.is_global_zero:
+        print(run.run_dir)
 
 
 if __name__ == "__main__":
