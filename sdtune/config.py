@@ -63,6 +63,7 @@ def validate(cfg: DictConfig) -> None:
         _check_loss,
         _check_sampling,
         _check_export,
+        _check_runtime,
     )
     for check in checks:
         check(cfg, problems.append)
@@ -185,6 +186,12 @@ def _check_sampling(cfg: DictConfig, report: Report) -> None:
         report(f"sampling.steps: must be >= 1, got {sampling.steps}")
     if sampling.every_n_steps < 0:
         report(f"sampling.every_n_steps: must be >= 0 (0 = only at the end), got {sampling.every_n_steps}")
+
+
+def _check_runtime(cfg: DictConfig, report: Report) -> None:
+    from sdtune.perf import check_runtime
+
+    check_runtime(cfg, report)
 
 
 def _check_export(cfg: DictConfig, report: Report) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -31,21 +32,33 @@ class DiffusionModule(pl.LightningModule):
         self.prediction_type = loss.prediction_type or stack.noise_scheduler.config.prediction_type
         # Checkpoints hold only what trains; the frozen base comes from model.pretrained.
         self.strict_loading = False
+        self.vae_full_precision = False  # runtime.vae_dtype=float32: encode outside autocast
 
     # ---- training ---------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        latents = self.encode_latents(batch["pixel_values"])
+        latents = self.batch_latents(batch)
         conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
         loss = self.per_sample_loss(latents, conditions).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=latents.shape[0])
         return loss
 
+    def batch_latents(self, batch: dict[str, Any]) -> Tensor:
+        """z0 of the batch: sampled from cached posterior moments (`sdtune.data.cache`), or encoded now."""
+        if "latent_moments" in batch:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            posterior = DiagonalGaussianDistribution(batch["latent_moments"])
+            return posterior.sample() * self.vae.config.scaling_factor
+        return self.encode_latents(batch["pixel_values"])
+
     @torch.no_grad()
     def encode_latents(self, pixels: Tensor) -> Tensor:
         """Scaled VAE latents z0 = E(x) · scaling_factor (a sample of the posterior)."""
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        full = torch.autocast(pixels.device.type, enabled=False) if self.vae_full_precision else nullcontext()
+        with full:
+            posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return posterior.sample() * self.vae.config.scaling_factor
 
     def per_sample_loss(self, latents: Tensor, conditions: Conditions) -> Tensor:

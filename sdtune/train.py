@@ -31,12 +31,14 @@ class Run:
 
 def train(cfg: DictConfig) -> Run:
     """Run one training job described by a composed `train.yaml`."""
+    from sdtune import perf
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
     from sdtune.models.adapters import apply_method
     from sdtune.module import DiffusionModule
 
     validate(cfg)
+    perf.configure_threads(cfg.runtime.threads, perf.local_cpu_processes(cfg.trainer))
     run_dir = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(run_dir)
     save_config(cfg, run_dir)
@@ -46,11 +48,14 @@ def train(cfg: DictConfig) -> Run:
     datamodule.setup("fit")  # every bad sample is reported here, before any model loads
 
     stack = load_stack(cfg.model, Path(cfg.paths.cache_dir))
+    perf.quantize_base(stack, cfg.runtime)
     apply_method(stack, cfg.method)
+    perf.apply_runtime(stack, cfg.runtime)
     module = DiffusionModule(stack, build_conditioning(cfg.conditioning, stack), cfg.method, cfg.loss)
 
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks += perf.prepare_training(cfg, datamodule, module)  # latent/text cache, built here once
     trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False
     )

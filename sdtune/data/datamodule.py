@@ -11,6 +11,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdtune.data.buckets import (
+    BucketedDataset,
+    Buckets,
+    BucketSampler,
+    assign_buckets,
+    read_image_sizes,
+    trainer_position,
+)
 from sdtune.data.records import Records, check, discover
 from sdtune.data.transforms import ImageTransform
 
@@ -66,6 +74,10 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         on_bad_sample: str = "error",
         cache_dir: str | None = None,
+        bucketing: bool = False,
+        bucket_max_aspect: float = 2.0,
+        cache_latents: bool = False,
+        latent_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -82,8 +94,13 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.on_bad_sample = on_bad_sample
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.dataset: ImageCaptionDataset | None = None
+        self.dataset: Dataset | None = None
         self.skipped: list[tuple[str, str]] = []
+        self.bucketing, self.bucket_max_aspect = bucketing, bucket_max_aspect
+        self.buckets: Buckets | None = None  # set by setup() when bucketing
+        self.records: Records | None = None
+        # The latent/text cache is built by `sdtune.data.cache.prepare_cache` once the stack is loaded.
+        self.cache_latents, self.latent_cache_dir = cache_latents, latent_cache_dir
 
     @property
     def source(self) -> str:
@@ -99,13 +116,26 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             log.warning(
                 "skipping %d bad sample(s) in %s (data.on_bad_sample=skip)", len(self.skipped), self.source
             )
-        self.dataset = ImageCaptionDataset(records, self.transform, self.discover_kwargs["image_column"])
+        self.records = records
+        image_column = self.discover_kwargs["image_column"]
+        if self.bucketing:
+            sizes = read_image_sizes(records, image_column)
+            resolution = self.transform.resolution
+            self.buckets = assign_buckets(sizes, resolution, self.batch_size, self.bucket_max_aspect)
+            log.info("aspect-ratio buckets (width, height): images %s", self.buckets.counts())
+            self.dataset = BucketedDataset(
+                records, self.buckets, self.transform.center_crop, self.transform.random_flip, image_column
+            )
+        else:
+            self.dataset = ImageCaptionDataset(records, self.transform, image_column)
 
     @property
     def num_samples(self) -> int:
         return len(self.dataset) if self.dataset is not None else 0
 
     def train_dataloader(self) -> DataLoader:
+        if self.buckets is not None:
+            return self._bucket_dataloader()
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -114,6 +144,25 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             drop_last=len(self.dataset) >= self.batch_size,
+        )
+
+    def _bucket_dataloader(self) -> DataLoader:
+        trainer = self._trainer
+        sampler = BucketSampler(
+            self.buckets.ids,
+            self.batch_size,
+            seed=torch.initial_seed(),
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            position=lambda: trainer_position(self._trainer),
+        )
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
         )
 
 
