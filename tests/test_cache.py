@@ -19,7 +19,9 @@ from sdtune.module import DiffusionModule
 CAPTIONS = ["a red circle", "a blue square", "a green star", "a purple cross"]
 
 
-def write_folder(root: Path, captions: list[str] = CAPTIONS, sizes: list[tuple[int, int]] | None = None) -> Path:
+def write_folder(
+    root: Path, captions: list[str] = CAPTIONS, sizes: list[tuple[int, int]] | None = None
+) -> Path:
     """A metadata.jsonl image folder with one random image per caption."""
     root.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
@@ -49,9 +51,16 @@ def conditioning(stack):
     return build_conditioning(cfg, stack)
 
 
-def datamodule(root: Path, resolution: int = 64, random_flip: bool = True, **kwargs) -> ImageCaptionDataModule:
+def datamodule(
+    root: Path, resolution: int = 64, random_flip: bool = True, **kwargs
+) -> ImageCaptionDataModule:
     dm = ImageCaptionDataModule(
-        name="captions", root=str(root), resolution=resolution, batch_size=4, random_flip=random_flip, **kwargs
+        name="captions",
+        root=str(root),
+        resolution=resolution,
+        batch_size=4,
+        random_flip=random_flip,
+        **kwargs,
     )
     dm.setup("fit")
     return dm
@@ -67,7 +76,12 @@ def test_a_hit_returns_exactly_what_encoding_returns(tmp_path, stack, conditioni
     assert (first.latents_built, first.text_built, first.text_cached) == (4, 5, True)  # 4 captions + ""
     again = datamodule(tmp_path / "data")
     second = build(again, stack, conditioning, tmp_path / "cache")
-    assert (second.latents_built, second.latents_reused, second.text_built, second.text_reused) == (0, 4, 0, 5)
+    assert (second.latents_built, second.latents_reused, second.text_built, second.text_reused) == (
+        0,
+        4,
+        0,
+        5,
+    )
 
     transform = ImageTransform(64, center_crop=True, random_flip=False)
     pixels = torch.stack([transform(Image.open(tmp_path / "data" / f"{i}.png")) for i in range(4)])
@@ -163,7 +177,7 @@ def test_damaged_entries_are_detected_and_rebuilt(tmp_path, stack, conditioning)
     assert build(datamodule(data), stack, conditioning, cache).latents_built == 1
 
 
-def test_cached_run_trains_end_to_end_without_the_encoders(train_cfg, monkeypatch, tmp_path) -> None:
+def test_cached_bucketed_run_trains_end_to_end_without_the_encoders(train_cfg, monkeypatch, tmp_path) -> None:
     from sdtune.conditioning.text import TextConditioner
     from sdtune.train import train
 
@@ -172,14 +186,20 @@ def test_cached_run_trains_end_to_end_without_the_encoders(train_cfg, monkeypatc
 
     monkeypatch.setattr(DiffusionModule, "encode_latents", refuse)
     monkeypatch.setattr(TextConditioner, "encode", refuse)
+    sizes = [(96, 48)] * 4 + [(48, 96)] * 4
+    root = write_folder(tmp_path / "data", [f"shape {i}" for i in range(8)], sizes)
     cfg = train_cfg(
         "+experiment=lora",
-        "trainer.max_steps=3",
-        "data.num_images=8",
+        "data=captions",
+        f"data.root={root}",
         "data.batch_size=4",
+        "data.num_workers=0",
         "data.random_flip=true",
+        "data.bucketing=true",
         "data.cache_latents=true",
         f"data.latent_cache_dir={tmp_path / 'latents'}",
+        "trainer.max_steps=3",
+        "runtime.threads=1",
         "sampling.prompts=[]",
         "export.formats=[diffusers]",
         "logger=none",
@@ -190,3 +210,8 @@ def test_cached_run_trains_end_to_end_without_the_encoders(train_cfg, monkeypatc
     assert (run.run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     lora_b = [p for n, p in run.module.trainable_parameters().items() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)
+    dm = run.trainer.datamodule
+    assert len(set(dm.buckets.ids)) == 2  # a wide and a tall bucket, latents cached at each one's size
+    for index in (0, 4):
+        width, height = dm.buckets.size_of(index)
+        assert dm.dataset[index]["latent_moments"].shape == (8, height // 8, width // 8)

@@ -147,14 +147,14 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         )
 
     def _bucket_dataloader(self) -> DataLoader:
-        trainer = self._trainer
+        trainer = self.trainer
         sampler = BucketSampler(
             self.buckets.ids,
             self.batch_size,
             seed=torch.initial_seed(),
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
-            position=lambda: trainer_position(self._trainer),
+            position=lambda: trainer_position(self.trainer),
         )
         return DataLoader(
             self.dataset,
