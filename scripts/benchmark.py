@@ -38,6 +38,12 @@ def main() -> None:
         "--sides", default="sdtune,plain,unet_only", help="comma-separated subset of sdtune,plain,unet_only"
     )
     parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="extra sdtune config override, e.g. runtime.compile=true",
+    )
+    parser.add_argument(
         "--cache-dir", default=None, help="models, data, latents (default: $SDTUNE_CACHE_DIR)"
     )
     args = parser.parse_args()
@@ -51,6 +57,7 @@ def main() -> None:
         compile=args.compile,
         sides=args.sides.split(","),
         cache_dir=args.cache_dir,
+        overrides=args.override,
     )
     print(json.dumps(run_benchmark(options), indent=2))
 

@@ -9,7 +9,9 @@ Three sides run the same model, data, batch, resolution, LoRA rank and thread co
 - `unet_only`: U-Net forward + backward + clipping + AdamW on latents and text states computed once: the floor
   that a cached step can reach.
 Step times are taken at the end of every step (after a device sync on GPU); the steady state is the median
-after the warm-up steps. `scripts/benchmark.py` is the command line.
+after the warm-up steps. Each step's process CPU time is recorded too: on a machine shared with other work,
+wall time measures the contention as much as the code, while CPU time (with one thread and no data-loader
+workers) is the work the step itself did. `scripts/benchmark.py` is the command line.
 """
 
 from __future__ import annotations
@@ -116,13 +118,14 @@ class Workload:
     batch_size: int
     rank: int
     gpu: bool
+    num_workers: int = 0  # data-loader workers, both sides (a GPU step is short enough to wait on data)
     unsupported: str | None = None
 
 
 WORKLOADS = {
     "tiny-cpu": Workload("tiny-cpu", "tiny", 64, 8, 4, gpu=False),
     "mid-cpu": Workload("mid-cpu", "mid", 128, 4, 4, gpu=False),
-    "sd15-lora-512": Workload("sd15-lora-512", "sd15", 512, 8, 16, gpu=True),
+    "sd15-lora-512": Workload("sd15-lora-512", "sd15", 512, 8, 16, gpu=True, num_workers=4),
     "sdxl-lora-1024": Workload(
         "sdxl-lora-1024", "sdxl", 1024, 4, 16, gpu=True, unsupported="SDXL is not supported by sdtune yet"
     ),
@@ -143,6 +146,7 @@ class Spec:
     cache_dir: str = ""
     model_dir: str = ""
     data_dir: str = ""
+    overrides: list[str] = field(default_factory=list)  # extra sdtune config overrides
 
     @property
     def total_steps(self) -> int:
@@ -204,32 +208,40 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+Stamp = tuple[float, float]  # (wall clock, process CPU time)
+
+
+def stamp() -> Stamp:
+    _sync()
+    return time.perf_counter(), time.process_time()
+
+
 class StepTimer(pl.Callback):
-    """Timestamps at the end of every training step."""
+    """Stamps at the start of training and the end of every training step."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[Stamp] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        _sync()
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(stamp())
 
     def on_train_batch_end(self, *args: Any) -> None:
-        _sync()
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(stamp())
 
 
-def summarise(stamps: list[float], warmup: int, batch_size: int) -> dict[str, Any]:
-    """Steady-state figures from step-end timestamps (the first is the start of step 1)."""
-    times = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
-    median = statistics.median(times)
+def summarise(stamps: list[Stamp], warmup: int, batch_size: int) -> dict[str, Any]:
+    """Steady-state figures from step-end stamps (the first is the start of step 1)."""
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][warmup:]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][warmup:]
+    median = statistics.median(wall)
     return {
         "s_per_step": median,
         "images_per_s": batch_size / median,
-        "s_per_step_mean": statistics.fmean(times),
-        "s_per_step_min": min(times),
-        "s_per_step_stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "steps_timed": len(times),
+        "s_per_step_mean": statistics.fmean(wall),
+        "s_per_step_min": min(wall),
+        "s_per_step_stdev": statistics.stdev(wall) if len(wall) > 1 else 0.0,
+        "cpu_s_per_step": statistics.median(cpu),
+        "steps_timed": len(wall),
     }
 
 
@@ -251,7 +263,7 @@ def run_side(spec: Spec) -> dict[str, Any]:
     return {**summarise(stamps, spec.warmup, workload.batch_size), **peak_memory()}
 
 
-def sdtune_side(spec: Spec, workload: Workload) -> list[float]:
+def sdtune_side(spec: Spec, workload: Workload) -> list[Stamp]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -269,6 +281,7 @@ def sdtune_side(spec: Spec, workload: Workload) -> list[float]:
         f"data.root={spec.data_dir}",
         f"data.resolution={workload.resolution}",
         f"data.batch_size={workload.batch_size}",
+        f"data.num_workers={workload.num_workers}",
         f"data.num_images={workload.batch_size * spec.total_steps}",
         f"data.cache_latents={str(spec.cache).lower()}",
         f"data.latent_cache_dir={Path(spec.cache_dir) / 'bench-latents'}",
@@ -283,6 +296,7 @@ def sdtune_side(spec: Spec, workload: Workload) -> list[float]:
         "sampling.prompts=[]",
         "export.formats=[]",
         "+callbacks.timer._target_=sdtune.benchmark.StepTimer",
+        *spec.overrides,
     ]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -353,7 +367,13 @@ def _plain_batches(spec: Spec, workload: Workload, tokenizer: Any) -> Any:
             ).input_ids
             return {"pixel_values": pixels.contiguous(), "input_ids": torch.tensor(ids)}
 
-    return torch.utils.data.DataLoader(Pairs(), batch_size=workload.batch_size, shuffle=True, drop_last=True)
+    return torch.utils.data.DataLoader(
+        Pairs(),
+        batch_size=workload.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workload.num_workers,
+    )
 
 
 def _optimizer(unet: Any) -> tuple[Any, list[Any], Any]:
@@ -388,12 +408,11 @@ def _autocast(workload: Workload) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if workload.gpu else nullcontext()
 
 
-def plain_side(spec: Spec, workload: Workload) -> list[float]:
+def plain_side(spec: Spec, workload: Workload) -> list[Stamp]:
     tokenizer, text_encoder, vae, unet, scheduler, device, dtype = _components(spec, workload)
     optimizer, params, lr_scheduler = _optimizer(unet)
     unet.train()
-    _sync()
-    stamps = [time.perf_counter()]
+    stamps = [stamp()]
     done = 0
     while done < spec.total_steps:
         for batch in _plain_batches(spec, workload, tokenizer):
@@ -402,15 +421,14 @@ def plain_side(spec: Spec, workload: Workload) -> list[float]:
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
             _unet_step(unet, scheduler, latents, hidden, optimizer, params, lr_scheduler, _autocast(workload))
-            _sync()
-            stamps.append(time.perf_counter())
+            stamps.append(stamp())
             done += 1
             if done == spec.total_steps:
                 break
     return stamps
 
 
-def unet_only_side(spec: Spec, workload: Workload) -> list[float]:
+def unet_only_side(spec: Spec, workload: Workload) -> list[Stamp]:
     tokenizer, text_encoder, vae, unet, scheduler, device, dtype = _components(spec, workload)
     batch = next(iter(_plain_batches(spec, workload, tokenizer)))
     with torch.no_grad():
@@ -419,12 +437,10 @@ def unet_only_side(spec: Spec, workload: Workload) -> list[float]:
         hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
     optimizer, params, lr_scheduler = _optimizer(unet)
     unet.train()
-    _sync()
-    stamps = [time.perf_counter()]
+    stamps = [stamp()]
     for _ in range(spec.total_steps):
         _unet_step(unet, scheduler, latents, hidden, optimizer, params, lr_scheduler, _autocast(workload))
-        _sync()
-        stamps.append(time.perf_counter())
+        stamps.append(stamp())
     return stamps
 
 
@@ -442,6 +458,7 @@ class Options:
     compile: bool = False
     sides: list[str] = field(default_factory=lambda: ["sdtune", "plain", "unet_only"])
     cache_dir: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
 
 def _child(spec: Spec) -> dict[str, Any]:
@@ -488,6 +505,7 @@ def run_benchmark(options: Options) -> dict[str, Any]:
         data_dir=str(
             ensure_data(workload, workload.batch_size * (options.steps + options.warmup), cache_dir)
         ),
+        overrides=options.overrides,
     )
     result["environment"] = _environment(threads)
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in options.sides}
@@ -525,6 +543,7 @@ def _ratios(result: dict[str, Any], workload: Workload, options: Options) -> tup
     sd, plain, floor = result.get("sdtune"), result.get("plain"), result.get("unet_only")
     if sd and plain:
         ratios["step_time_sdtune_over_plain"] = sd["s_per_step"] / plain["s_per_step"]
+        ratios["cpu_time_sdtune_over_plain"] = sd["cpu_s_per_step"] / plain["cpu_s_per_step"]
         ratios["speedup_over_plain"] = plain["s_per_step"] / sd["s_per_step"]
         ratios["peak_rss_sdtune_over_plain"] = sd["peak_rss_mib"] / plain["peak_rss_mib"]
         if not options.cache:
@@ -533,6 +552,7 @@ def _ratios(result: dict[str, Any], workload: Workload, options: Options) -> tup
                 targets["peak_rss_le_1.2x_plain"] = ratios["peak_rss_sdtune_over_plain"] <= 1.2
     if sd and floor:
         ratios["step_time_sdtune_over_unet_only"] = sd["s_per_step"] / floor["s_per_step"]
+        ratios["cpu_time_sdtune_over_unet_only"] = sd["cpu_s_per_step"] / floor["cpu_s_per_step"]
         if options.cache:
             targets["step_time_le_1.1x_unet_only"] = ratios["step_time_sdtune_over_unet_only"] <= 1.1
     if sd and workload.model == "sd15" and workload.resolution == 512:

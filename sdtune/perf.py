@@ -248,6 +248,14 @@ class EncoderOffload(pl.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        """Lightning has moved the module back to the CPU by now; leave every part where the module is."""
+        pl_module.vae.to(pl_module.device)
+        for component in pl_module.conditioning.components.values():
+            if getattr(component, "output_device", None) is not None:
+                component.output_device = None
+                component.text_encoder.to(pl_module.device)
+
 
 def prepare_training(cfg: DictConfig, datamodule: Any, module: Any) -> list[pl.Callback]:
     """Per-run speed set-up after the module is built: VAE precision, and the latent/text cache (built now,

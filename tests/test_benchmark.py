@@ -23,9 +23,11 @@ def keep_thread_count():
 
 
 def test_summarise_skips_the_warmup() -> None:
-    stamps = [0.0, 5.0, 6.0, 7.5, 8.5]  # first step 5 s (warm-up), then 1, 1.5, 1
-    figures = summarise(stamps, warmup=1, batch_size=4)
+    wall = [0.0, 5.0, 6.0, 7.5, 8.5]  # first step 5 s (warm-up), then 1, 1.5, 1
+    cpu = [0.0, 4.0, 4.5, 5.0, 5.5]
+    figures = summarise(list(zip(wall, cpu)), warmup=1, batch_size=4)
     assert figures["s_per_step"] == 1.0 and figures["images_per_s"] == 4.0 and figures["steps_timed"] == 3
+    assert figures["cpu_s_per_step"] == 0.5
 
 
 @pytest.mark.parametrize("side", ["sdtune", "plain", "unet_only"])

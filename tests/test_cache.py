@@ -215,3 +215,38 @@ def test_cached_bucketed_run_trains_end_to_end_without_the_encoders(train_cfg, m
     for index in (0, 4):
         width, height = dm.buckets.size_of(index)
         assert dm.dataset[index]["latent_moments"].shape == (8, height // 8, width // 8)
+
+
+def test_an_interrupted_build_resumes_and_concurrent_builders_build_once(
+    tmp_path, stack, conditioning, monkeypatch
+) -> None:
+    import threading
+
+    import sdtune.data.cache as cache_module
+
+    data, cache = write_folder(tmp_path / "data"), tmp_path / "cache"
+    written = []
+    real_write = cache_module.write_entry
+
+    def write_then_stop(path, key, tensors):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # e.g. Ctrl-C halfway through the progress bar
+        real_write(path, key, tensors)
+        written.append(path)
+
+    monkeypatch.setattr(cache_module, "write_entry", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_cache(datamodule(data), stack, conditioning, cache, torch.device("cpu"), batch_size=1)
+    monkeypatch.setattr(cache_module, "write_entry", real_write)
+
+    reports = []  # two processes (DDP ranks) at once: one builds the rest, the other waits and reuses it
+    threads = [
+        threading.Thread(target=lambda: reports.append(build(datamodule(data), stack, conditioning, cache)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.latents_built for r in reports) == [0, 2]
+    assert sorted(r.latents_reused for r in reports) == [2, 4]

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from sdtune.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when what an entry holds, or how images are prepared, changes
+CACHE_VERSION = 2  # bump when what an entry holds, or how images are prepared, changes
 
 
 class CacheError(RuntimeError):
@@ -51,22 +52,35 @@ class CacheError(RuntimeError):
 
 
 def _hasher() -> Any:
-    return hashlib.blake2b(digest_size=20)
+    return hashlib.sha1()  # content keys (not security); hardware-accelerated on current CPUs
 
 
 def digest_of(*parts: Any) -> str:
     """Hash of JSON-able parts."""
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def tensors_digest(tensors: dict[str, Tensor], names: list[str] | None = None) -> str:
+def _tensor_parts(tensors: dict[str, Tensor]) -> Iterator[bytes]:
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        yield f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
+        yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
     """Hash of tensors' names, dtypes, shapes and bytes."""
     h = _hasher()
-    for name in names or sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for part in _tensor_parts(tensors):
+        h.update(part)
     return h.hexdigest()
+
+
+def tensors_checksum(tensors: dict[str, Tensor]) -> str:
+    """CRC-32 of the same: cheap enough to verify on every read, enough to catch a damaged file."""
+    crc = 0
+    for part in _tensor_parts(tensors):
+        crc = zlib.crc32(part, crc)
+    return f"{crc:08x}"
 
 
 def module_digest(module: Any) -> str:
@@ -107,7 +121,7 @@ def entry_path(root: Path, kind: str, key: str) -> Path:
 def write_entry(path: Path, key: str, tensors: dict[str, Tensor]) -> None:
     """Write one entry atomically, with its key and a checksum in the header."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    metadata = {"key": key, "checksum": tensors_digest(tensors), "version": str(CACHE_VERSION)}
+    metadata = {"key": key, "checksum": tensors_checksum(tensors), "version": str(CACHE_VERSION)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -135,7 +149,7 @@ def read_entry(path: Path, key: str) -> dict[str, Tensor]:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
-        good = metadata.get("key") == key and metadata.get("checksum") == tensors_digest(tensors)
+        good = metadata.get("key") == key and metadata.get("checksum") == tensors_checksum(tensors)
     except Exception:  # safetensors raises its own error types for damaged files
         good = False
     if not good:
