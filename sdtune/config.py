@@ -70,6 +70,7 @@ def validate(cfg: DictConfig) -> None:
         _check_export,
         _check_conditioning,
         check_distributed,
+        _check_runtime,
     )
     for check in checks:
         check(cfg, problems.append)
@@ -286,6 +287,12 @@ def _check_conditioning(cfg: DictConfig, report: Report) -> None:
     from sdtune.conditioning.checks import check_conditioning
 
     check_conditioning(cfg, report)
+
+
+def _check_runtime(cfg: DictConfig, report: Report) -> None:
+    from sdtune.perf import check_runtime
+
+    check_runtime(cfg, report)
 
 
 def _check_export(cfg: DictConfig, report: Report) -> None:

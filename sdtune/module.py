@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -39,6 +40,7 @@ class DiffusionModule(pl.LightningModule):
         # Checkpoints hold only what trains; the frozen base comes from model.pretrained.
         self.strict_loading = False
         self.nonfinite = NonFiniteGuard(loss.max_nonfinite_steps)
+        self.vae_full_precision = False  # runtime.vae_dtype=float32: encode outside autocast
 
     # ---- training ---------------------------------------------------------------------------------------
 
@@ -46,7 +48,7 @@ class DiffusionModule(pl.LightningModule):
         loss, parts = self.batch_loss(batch)
         if not self.loss_is_finite(loss):
             return None  # Lightning skips backward and the optimizer step
-        size = len(batch["pixel_values"])
+        size = len(batch["caption"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=size)
@@ -58,7 +60,7 @@ class DiffusionModule(pl.LightningModule):
 
         A DreamBooth batch (it has `is_class`) gives instance loss + `method.prior_loss_weight` × class loss.
         """
-        latents = self.encode_latents(batch["pixel_values"])
+        latents = self.batch_latents(batch)
         conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
         losses = self.per_sample_loss(latents, conditions)
         if "is_class" not in batch:
@@ -78,10 +80,21 @@ class DiffusionModule(pl.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite.total), batch_size=1)
         return finite
 
+    def batch_latents(self, batch: dict[str, Any]) -> Tensor:
+        """z0 of the batch: sampled from cached posterior moments (`sdtune.data.cache`), or encoded now."""
+        if "latent_moments" in batch:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            posterior = DiagonalGaussianDistribution(batch["latent_moments"])
+            return posterior.sample() * self.vae.config.scaling_factor
+        return self.encode_latents(batch["pixel_values"])
+
     @torch.no_grad()
     def encode_latents(self, pixels: Tensor) -> Tensor:
         """Scaled VAE latents z0 = E(x) · scaling_factor (a sample of the posterior)."""
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        full = torch.autocast(pixels.device.type, enabled=False) if self.vae_full_precision else nullcontext()
+        with full:
+            posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return posterior.sample() * self.vae.config.scaling_factor
 
     def per_sample_loss(self, latents: Tensor, conditions: Conditions) -> Tensor:

@@ -51,6 +51,7 @@ class Run:
 
 def train(cfg: DictConfig) -> Run:
     """Run one training job described by a composed `train.yaml`."""
+    from sdtune import perf
     from sdtune.callbacks.resume import ResumeState
     from sdtune.checkpoint import AtomicCheckpointIO
     from sdtune.conditioning import build_conditioning
@@ -61,6 +62,7 @@ def train(cfg: DictConfig) -> Run:
     from sdtune.run import record_data
 
     validate(cfg)
+    perf.configure_threads(cfg.runtime.threads, perf.local_cpu_processes(cfg.trainer))
     run_dir = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(run_dir)
     save_config(cfg, run_dir)
@@ -74,13 +76,16 @@ def train(cfg: DictConfig) -> Run:
     changed = dataset_change(resume, resumed, datamodule) if resume else None  # reported, not fatal
 
     stack = load_stack(cfg.model, Path(cfg.paths.cache_dir))
+    perf.quantize_base(stack, cfg.runtime)
     conditioning = build_conditioning(cfg.conditioning, stack)
     datamodule.prepare_with_model(stack, conditioning, cfg.trainer.accelerator)  # DreamBooth class images
     apply_method(stack, cfg.method)
+    perf.apply_runtime(stack, cfg.runtime)
     module = DiffusionModule(stack, conditioning, cfg.method, cfg.loss)
 
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks += perf.prepare_training(cfg, datamodule, module)  # latent/text cache, built here once
     last = run_dir / "checkpoints" / "last.ckpt"
     callbacks += [ResumeState(), GracefulStop(last), FinalCheckpointInChildren(str(last))]
     trainer = instantiate(

@@ -11,6 +11,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdtune.data.buckets import (
+    BucketedDataset,
+    Buckets,
+    BucketSampler,
+    assign_buckets,
+    read_image_sizes,
+    trainer_position,
+)
 from sdtune.data.fingerprint import dataset_summary
 from sdtune.data.records import Records, check, discover
 from sdtune.data.sampler import ResumableSampler, split_item
@@ -72,6 +80,10 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         on_bad_sample: str = "error",
         cache_dir: str | None = None,
         shuffle_seed: int | None = None,
+        bucketing: bool = False,
+        bucket_max_aspect: float = 2.0,
+        cache_latents: bool = False,
+        latent_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -89,10 +101,15 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.shuffle_seed = shuffle_seed  # None: the run's seed (torch.initial_seed() after seed_everything)
-        self.dataset: ImageCaptionDataset | None = None
+        self.dataset: Dataset | None = None
         self.skipped: list[tuple[str, str]] = []
         self.summary: dict[str, Any] | None = None  # what the run trains on (sdtune.data.fingerprint)
         self.resumed_summary: dict[str, Any] | None = None  # the same, from the checkpoint resumed from
+        self.bucketing, self.bucket_max_aspect = bucketing, bucket_max_aspect
+        self.buckets: Buckets | None = None  # set by setup() when bucketing
+        self.records: Records | None = None
+        # The latent/text cache is built by `sdtune.data.cache.prepare_cache` once the stack is loaded.
+        self.cache_latents, self.latent_cache_dir = cache_latents, latent_cache_dir
 
     @property
     def source(self) -> str:
@@ -110,7 +127,18 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             log.warning(
                 "skipping %d bad sample(s) in %s (data.on_bad_sample=skip)", len(self.skipped), self.source
             )
-        self.dataset = ImageCaptionDataset(records, self.transform, self.discover_kwargs["image_column"])
+        self.records = records
+        image_column = self.discover_kwargs["image_column"]
+        if self.bucketing:
+            sizes = read_image_sizes(records, image_column)
+            resolution = self.transform.resolution
+            self.buckets = assign_buckets(sizes, resolution, self.batch_size, self.bucket_max_aspect)
+            log.info("aspect-ratio buckets (width, height): images %s", self.buckets.counts())
+            self.dataset = BucketedDataset(
+                records, self.buckets, self.transform.center_crop, self.transform.random_flip, image_column
+            )
+        else:
+            self.dataset = ImageCaptionDataset(records, self.transform, image_column)
 
     @property
     def num_samples(self) -> int:
@@ -128,6 +156,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Seeded order, same batch count every epoch, resumable mid-epoch (`sdtune.data.sampler`)."""
+        if self.buckets is not None:
+            return self._bucket_dataloader()
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
         trainer = self.trainer
         sampler = ResumableSampler(
@@ -161,6 +191,25 @@ class ImageCaptionDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.resumed_summary = state_dict.get("dataset")
+
+    def _bucket_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = BucketSampler(
+            self.buckets.ids,
+            self.batch_size,
+            seed=torch.initial_seed(),
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            position=lambda: trainer_position(self.trainer),
+        )
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
 
 class ShapesDataModule(ImageCaptionDataModule):

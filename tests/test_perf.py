@@ -1,0 +1,133 @@
+"""Speed and memory levers (`runtime.*`): CPU threads, and a few training steps with each lever on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sdtune.config import ConfigError, validate
+from sdtune.perf import configure_threads, default_threads, physical_cores
+
+CUDA = torch.cuda.is_available()
+# 1 thread: these tests run beside others on a small shared machine, where OpenMP threads that spin-wait on
+# busy cores make a step many times slower. The `threads` test checks the default itself.
+QUICK = [
+    "+experiment=lora",
+    "trainer.max_steps=2",
+    "data.num_images=8",
+    "data.batch_size=4",
+    "sampling.prompts=[]",
+    "export.formats=[]",
+    "logger=none",
+    "runtime.threads=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_default_to_physical_cores_and_are_logged(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="sdtune.perf")
+    chosen = configure_threads(None)
+    assert chosen == torch.get_num_threads() == default_threads() >= 1
+    assert physical_cores() is None or chosen <= physical_cores()
+    assert "torch CPU threads" in caplog.text
+    assert configure_threads(1) == torch.get_num_threads() == 1
+    assert default_threads(local_processes=64) == 1
+
+
+def test_gpu_only_levers_are_refused_on_cpu_with_the_fix(train_cfg) -> None:
+    if CUDA:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError) as error:
+        validate(train_cfg(*QUICK, "runtime.quantize=nf4", "runtime.weight_dtype=float16"))
+    message = str(error.value)
+    assert "runtime.quantize: a bitsandbytes 8/4-bit frozen base needs a CUDA GPU" in message
+    assert "runtime.weight_dtype/vae_dtype: float16 needs a GPU" in message
+    with pytest.raises(ConfigError, match="set trainer.precision=bf16-mixed"):
+        validate(train_cfg(*QUICK, "runtime.weight_dtype=bfloat16"))
+    with pytest.raises(ConfigError, match="runtime.attention"):
+        validate(train_cfg(*QUICK, "runtime.attention=flash3"))
+
+
+def _checks() -> dict[str, tuple[list[str], object]]:
+    def checkpointing(m):
+        assert m.unet.is_gradient_checkpointing
+
+    def adamw8bit(m):
+        import bitsandbytes as bnb
+
+        assert isinstance(m.trainer.optimizers[0], bnb.optim.AdamW8bit)
+
+    def bf16_base(m):
+        assert m.unet.conv_in.weight.dtype == torch.bfloat16
+        assert m.stack.text_encoder.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in m.trainable_parameters().values())
+
+    def fp32_vae(m):
+        bf16_base(m)
+        assert m.vae.dtype == torch.float32 and m.vae_full_precision
+
+    def eager_attention(m):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        assert all(isinstance(p, AttnProcessor) for p in m.unet.attn_processors.values())
+
+    def channels_last(m):
+        assert m.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    def compiled(m):
+        assert m.unet._compiled_call_impl is not None
+
+    bf16 = ["runtime.weight_dtype=bfloat16", "trainer.precision=bf16-mixed"]
+    return {
+        "gradient_checkpointing": (["runtime.gradient_checkpointing=true"], checkpointing),
+        "adamw8bit": (["method.optimizer=adamw8bit"], adamw8bit),
+        "bf16_base": (bf16, bf16_base),
+        "fp32_vae": ([*bf16, "runtime.vae_dtype=float32"], fp32_vae),
+        "eager_attention": (["runtime.attention=eager"], eager_attention),
+        "channels_last": (["runtime.channels_last=true"], channels_last),
+        "compile": (["runtime.compile=true", "runtime.compile_backend=eager"], compiled),
+    }
+
+
+@pytest.mark.parametrize("lever", list(_checks()))
+def test_each_lever_trains_a_few_steps(lever: str, train_cfg) -> None:
+    from sdtune.train import train
+
+    overrides, check = _checks()[lever]
+    run = train(train_cfg(*QUICK, *overrides))
+    assert run.trainer.global_step == 2
+    assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
+    # The tiny mid block's self-attention sees one token (1×1): its softmax has no gradient wrt q and k.
+    single_token = (
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_k",
+    )
+    lora_b = {n: p for n, p in run.module.trainable_parameters().items() if "lora_B" in n}
+    still = [n for n, p in lora_b.items() if p.abs().sum() == 0 and not any(s in n for s in single_token)]
+    assert lora_b and not still, f"LoRA weights that did not train: {still}"
+    check(run.module)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: fp16 weights and bitsandbytes-quantised bases")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["runtime.weight_dtype=float16", "trainer.precision=16-mixed", "runtime.vae_dtype=float32"],
+        ["runtime.quantize=nf4", "runtime.weight_dtype=bfloat16", "trainer.precision=bf16-mixed"],
+        ["runtime.quantize=int8", "runtime.weight_dtype=bfloat16", "trainer.precision=bf16-mixed"],
+    ],
+)
+def test_gpu_levers_train_a_few_steps(overrides: list[str], train_cfg) -> None:
+    from sdtune.train import train
+
+    run = train(train_cfg(*QUICK, "trainer.accelerator=gpu", "data.cache_latents=true", *overrides))
+    assert run.trainer.global_step == 2
+    assert all(p.dtype == torch.float32 for p in run.module.trainable_parameters().values())
