@@ -155,6 +155,8 @@ def _check_export(cfg: DictConfig, report: Report) -> None:
         report(f"export.formats: unknown format(s) {unknown}; valid: {', '.join(EXPORTERS)}")
     if "pipeline" in formats and cfg.method.name != "full":
         report("export.formats: pipeline needs method=full; a LoRA exports as diffusers")
+    if "diffusers" in formats and cfg.method.name == "full":
+        report("export.formats: diffusers writes a LoRA file; a full fine-tune exports as pipeline")
 
 
 def _check_data(cfg: DictConfig, report: Report) -> None:
