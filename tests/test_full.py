@@ -24,7 +24,7 @@ FAST = [
     "data.batch_size=4",
     "sampling.steps=2",
     "sampling.per_prompt=1",
-    "sampling.every_n_steps=2",
+    "sampling.every_n_steps=0",
     "callbacks.checkpoint.every_n_train_steps=2",
     "logger=none",
 ]
@@ -131,15 +131,15 @@ def test_resume_restores_the_ema(full_run, train_cfg) -> None:
         train_cfg(
             *FAST,
             "method.lr=1e-3",
-            "trainer.max_steps=6",
+            "trainer.max_steps=5",
             "sampling.prompts=[]",
             f"resume={full_run.run_dir}",
         )
     )
     checkpoint = torch.load(run.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == 6
-    # A fresh EMA would count 2 updates (from step 5); the restored one goes on from 4.
-    assert checkpoint["callbacks"]["EMACallback"]["updates"] == 6
+    assert checkpoint["global_step"] == 5
+    # A fresh EMA would count 1 update (step 5); the restored one goes on from 4.
+    assert checkpoint["callbacks"]["EMACallback"]["updates"] == 5
 
 
 def test_sample_cli_loads_a_full_run(full_run, tmp_path: Path) -> None:
