@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdtune.data.fingerprint import dataset_summary
 from sdtune.data.records import Records, check, discover
-from sdtune.data.sampler import ResumableSampler
+from sdtune.data.sampler import ResumableDataLoader, ResumableSampler
 from sdtune.data.transforms import ImageTransform
 from sdtune.data.validation import check_images
 
@@ -104,7 +104,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             return
         records = discover(self.root, self.hf_name, **self.discover_kwargs)
-        records = check_images(records, self.transform.resolution, self.discover_kwargs["image_column"])
+        column = self.discover_kwargs["image_column"]
+        records = check_images(records, self.transform.resolution, column, self.cache_dir)
         self.skipped = check(records, self.source, self.on_bad_sample)
         self.summary = dataset_summary(self._relative_names(records), records.digests, records.captions)
         if self.skipped:
@@ -136,7 +137,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             position=self._position,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,

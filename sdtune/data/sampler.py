@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 # (epoch, batches of this epoch already trained); None outside a Trainer.
 Position = Callable[[], "tuple[int, int] | None"]
@@ -78,3 +78,17 @@ class ResumableSampler(DistributedSampler):
 def augmentation_seed(seed: int, epoch: int, position: int) -> int:
     """A seed for one item's random augmentation, distinct for every (seed, epoch, position)."""
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + position) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a `ResumableSampler`.
+
+    Its position comes from the trainer's restored progress, so it has no state of its own to save; having
+    `state_dict`/`load_state_dict` tells Lightning it resumes mid-epoch correctly.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
