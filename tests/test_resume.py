@@ -119,15 +119,16 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(reference, tmp_path) 
 
 def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    # checkpoint files in order: step000002.ckpt, last.ckpt (step 2), step000004.ckpt ← killed half-way
-    process = faults.start("kill-in-checkpoint-3", [*FAST, f"hydra.run.dir={run_dir}"], tmp_path)
+    # checkpoint files in order: step000001.ckpt, last.ckpt (step 1), step000002.ckpt ← killed half-way
+    overrides = [*FAST, "callbacks.checkpoint.every_n_train_steps=1", f"hydra.run.dir={run_dir}"]
+    process = faults.start("kill-in-checkpoint-3", overrides, tmp_path)
     assert process.wait(timeout=300) == -signal.SIGKILL, faults.output(tmp_path)[1][-3000:]
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", "step000002.ckpt"]
-    (partial,) = checkpoints.glob(".step000004.ckpt.tmp-*")  # the torn write, never renamed into place
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", "step000001.ckpt"]
+    (partial,) = checkpoints.glob(".step000002.ckpt.tmp-*")  # the torn write, never renamed into place
     with pytest.raises(RuntimeError):
         torch.load(partial, weights_only=True)
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 1
     assert_same_weights(lora_weights(resume(run_dir, tmp_path).module), reference)
 
 

@@ -191,9 +191,6 @@ def test_a_run_with_secrets_in_the_environment_leaves_no_trace_of_them(tmp_path,
         *FAST,
         "trainer.max_steps=1",
         "logger=wandb",
-        "sampling.prompts=[a red circle]",
-        "sampling.steps=1",
-        "sampling.per_prompt=1",
         "sampling.negative_prompt=${oc.env:HF_TOKEN}",  # a config value that resolves a secret
         f"hydra.run.dir={run_dir}",
     ]

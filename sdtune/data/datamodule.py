@@ -93,7 +93,6 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.dataset: ImageCaptionDataset | None = None
         self.skipped: list[tuple[str, str]] = []
         self.summary: dict[str, Any] | None = None  # what the run trains on (sdtune.data.fingerprint)
-        self.resumed_summary: dict[str, Any] | None = None  # the same, from the checkpoint resumed from
 
     @property
     def source(self) -> str:
@@ -155,11 +154,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
 
     def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints: the dataset fingerprint, compared on resume (`sdtune.resume`)."""
         summary = self.summary or {}
         return {"dataset": {k: summary.get(k) for k in ("fingerprint", "num_samples")}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.resumed_summary = state_dict.get("dataset")
 
 
 class ShapesDataModule(ImageCaptionDataModule):
