@@ -196,6 +196,9 @@ def main(cfg: DictConfig) -> None:
         command = resume_command(Path(cfg.paths.output_dir), list(HydraConfig.get().overrides.task))
         print(f"{stop}\nto continue this run: {command}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:  # Ctrl-C before training started (checks, loading): nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     if run.trainer.is_global_zero:
         print(run.run_dir)
 

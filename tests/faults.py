@@ -1,7 +1,7 @@
 """`python -m tests.faults MODE [overrides]`: `sdtune.train` with a fault injected, for the reliability tests.
 
 Modes (`none` runs it as is):
-- `slow`: every step from step 2 on sleeps a second (a window to send a signal in); the math is unchanged.
+- `slow`: steps from step 2 on first sleep 2 s (a window to send a signal in); the math is unchanged.
 - `kill-in-checkpoint-N`: the process SIGKILLs itself part-way through writing its N-th checkpoint file.
 """
 
@@ -23,7 +23,7 @@ def slow_steps() -> None:
 
     def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.global_step >= 2:
-            time.sleep(1.0)
+            time.sleep(2.0)
         return step(self, *args, **kwargs)
 
     DiffusionModule.training_step = slow

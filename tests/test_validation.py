@@ -128,9 +128,27 @@ def test_unsupported_modes_are_named() -> None:
         image.save(buffer, format=fmt)
         return buffer.getvalue()
 
-    assert "floating point" in check_image_bytes(encoded(Image.new("F", (40, 40))), 32).problem
-    assert check_image_bytes(encoded(Image.new("RGB", (40, 40)), "PNG"), 32).problem is None
-    assert "unreadable" in check_image_bytes(b"not an image", 32).problem
+    assert "floating point" in check_image_bytes(encoded(Image.new("F", (40, 40)))).problem
+    assert check_image_bytes(encoded(Image.new("RGB", (40, 30)), "PNG")).size == (40, 30)
+    assert "unreadable" in check_image_bytes(b"not an image").problem
+
+
+def test_verdicts_are_cached_until_a_file_changes(tmp_path: Path, monkeypatch) -> None:
+    from sdtune.data import validation
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    root.mkdir()
+    for i in range(3):
+        save(Image.fromarray(noise((40, 40), i)), root / f"{i}.png")
+    datamodule(root, cache_dir=str(cache)).setup()
+    checked = []
+    check = validation.check_image_bytes
+    monkeypatch.setattr(validation, "check_image_bytes", lambda data: checked.append(data) or check(data))
+    assert datamodule(root, cache_dir=str(cache)).setup() is None and checked == []
+    Image.fromarray(noise((40, 20), 9)).save(root / "1.png")  # replaced by a smaller picture
+    with pytest.raises(DataError, match="1.png: image is 40x20"):
+        datamodule(root, cache_dir=str(cache)).setup()
+    assert len(checked) == 1
 
 
 def test_skip_trains_on_the_rest_and_records_the_list(bad_folder: Path, train_cfg) -> None:
@@ -144,7 +162,7 @@ def test_skip_trains_on_the_rest_and_records_the_list(bad_folder: Path, train_cf
         "data.batch_size=2",
         "data.num_workers=0",
         "data.on_bad_sample=skip",
-        "trainer.max_steps=2",
+        "trainer.max_steps=1",
         "sampling.prompts=[]",
         "logger=none",
     )
@@ -153,7 +171,7 @@ def test_skip_trains_on_the_rest_and_records_the_list(bad_folder: Path, train_cf
     assert sorted(Path(entry["sample"]).name for entry in skipped) == sorted(BAD)
     manifest = json.loads((run.run_dir / "manifest.json").read_text())
     assert manifest["skipped_samples"] == len(BAD) and manifest["num_train_images"] == 5
-    assert manifest["global_step"] == 2
+    assert manifest["global_step"] == 1
     dataset = json.loads((run.run_dir / "dataset.json").read_text())
     assert dataset["num_samples"] == 5 and "grey.png" in dataset["samples"]
     assert manifest["dataset_fingerprint"] == dataset["fingerprint"]

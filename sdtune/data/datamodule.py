@@ -21,7 +21,7 @@ from sdtune.data.buckets import (
 )
 from sdtune.data.fingerprint import dataset_summary
 from sdtune.data.records import Records, check, discover
-from sdtune.data.sampler import ResumableSampler, split_item
+from sdtune.data.sampler import ResumableDataLoader, ResumableSampler, split_item
 from sdtune.data.transforms import ImageTransform
 from sdtune.data.validation import check_images
 
@@ -104,7 +104,6 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.dataset: Dataset | None = None
         self.skipped: list[tuple[str, str]] = []
         self.summary: dict[str, Any] | None = None  # what the run trains on (sdtune.data.fingerprint)
-        self.resumed_summary: dict[str, Any] | None = None  # the same, from the checkpoint resumed from
         self.bucketing, self.bucket_max_aspect = bucketing, bucket_max_aspect
         self.buckets: Buckets | None = None  # set by setup() when bucketing
         self.records: Records | None = None
@@ -120,7 +119,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         if self.dataset is not None:
             return
         records = discover(self.root, self.hf_name, **self.discover_kwargs)
-        records = check_images(records, self.transform.resolution, self.discover_kwargs["image_column"])
+        column = self.discover_kwargs["image_column"]
+        records = check_images(records, self.transform.resolution, column, self.cache_dir)
         self.skipped = check(records, self.source, self.on_bad_sample)
         self.summary = dataset_summary(self._relative_names(records), records.digests, records.captions)
         if self.skipped:
@@ -168,7 +168,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             position=self._position,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -186,11 +186,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
 
     def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints: the dataset fingerprint, compared on resume (`sdtune.resume`)."""
         summary = self.summary or {}
         return {"dataset": {k: summary.get(k) for k in ("fingerprint", "num_samples")}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.resumed_summary = state_dict.get("dataset")
 
     def _bucket_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -202,7 +200,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             position=lambda: trainer_position(self.trainer),
         )
-        return DataLoader(
+        return ResumableDataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 # (epoch, batches of this epoch already trained); None outside a Trainer.
 Position = Callable[[], "tuple[int, int] | None"]
@@ -86,3 +86,17 @@ def split_item(item: int | tuple[int, int]) -> tuple[int, torch.Generator | None
         index, seed = item
         return index, torch.Generator().manual_seed(seed)
     return item, None
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a `ResumableSampler`.
+
+    Its position comes from the trainer's restored progress, so it has no state of its own to save; having
+    `state_dict`/`load_state_dict` tells Lightning it resumes mid-epoch correctly.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
