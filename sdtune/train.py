@@ -80,6 +80,7 @@ def train(cfg: DictConfig) -> Run:
     conditioning = build_conditioning(cfg.conditioning, stack)
     datamodule.prepare_with_model(stack, conditioning, cfg.trainer.accelerator)  # DreamBooth class images
     apply_method(stack, cfg.method)
+    conditioning.train_widened_input(stack.unet)  # peft adapters freeze everything else they find
     perf.apply_runtime(stack, cfg.runtime)
     module = DiffusionModule(stack, conditioning, cfg.method, cfg.loss)
 

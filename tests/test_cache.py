@@ -124,7 +124,9 @@ def test_a_hit_returns_exactly_what_encoding_returns(tmp_path, stack, conditioni
 def _loss():
     from omegaconf import OmegaConf
 
-    return OmegaConf.create({"prediction_type": None, "snr_gamma": None, "noise_offset": 0.0})
+    return OmegaConf.create(
+        {"prediction_type": None, "snr_gamma": None, "noise_offset": 0.0, "max_nonfinite_steps": 10}
+    )
 
 
 def test_changing_image_caption_resolution_or_model_misses(tmp_path, stack, conditioning) -> None:

@@ -44,6 +44,11 @@ class ConditioningStack(nn.Module):
                 raise ValueError(f"conditioning.{name}: component must declare slot 'crossattn' or 'concat'")
         self.components = nn.ModuleDict(components)
 
+    def train_widened_input(self, unet: Any) -> None:
+        """With concat conditions the widened `conv_in` trains too (call again after a method froze it)."""
+        if self.concat_channels:
+            unet.conv_in.requires_grad_(True)
+
     def forward(self, batch: dict[str, Any], drop: dict[str, Tensor]) -> Conditions:
         """Encode `batch`; samples marked in `drop[name]` get that component's null condition."""
         outputs: dict[str, list[Tensor]] = {slot: [] for slot in SLOTS}
@@ -96,7 +101,6 @@ def build_conditioning(cfg: DictConfig, stack: Any) -> ConditioningStack:
         {name: instantiate(component, stack=stack) for name, component in cfg.items()}
     )
     if conditioning.concat_channels:
-        in_channels = stack.vae.config.latent_channels + conditioning.concat_channels
-        if expand_unet_input(stack.unet, in_channels):
-            stack.unet.conv_in.requires_grad_(True)
+        expand_unet_input(stack.unet, stack.vae.config.latent_channels + conditioning.concat_channels)
+        conditioning.train_widened_input(stack.unet)
     return conditioning

@@ -120,7 +120,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             return
         records = discover(self.root, self.hf_name, **self.discover_kwargs)
         column = self.discover_kwargs["image_column"]
-        records = check_images(records, self.transform.resolution, column, self.cache_dir)
+        records = check_images(records, self.transform.resolution, column, self.cache_dir, self.bucketing)
         self.skipped = check(records, self.source, self.on_bad_sample)
         self.summary = dataset_summary(self._relative_names(records), records.digests, records.captions)
         if self.skipped:

@@ -80,8 +80,16 @@ def _mode_problem(mode: str, data: bytes) -> str | None:
     return None
 
 
-def _size_problem(size: tuple[int, int] | None, resolution: int | None) -> str | None:
-    if size is not None and resolution is not None and min(size) < resolution:
+def _size_problem(size: tuple[int, int] | None, resolution: int | None, by_area: bool) -> str | None:
+    """Too small to train at `resolution`: on its shorter side, or (aspect buckets) in pixel count."""
+    if size is None or resolution is None:
+        return None
+    if by_area and size[0] * size[1] < resolution * resolution:
+        return (
+            f"image is {size[0]}x{size[1]}, fewer pixels than data.resolution={resolution} squared (its "
+            "aspect bucket would upscale it); remove it or lower data.resolution"
+        )
+    if not by_area and min(size) < resolution:
         return (
             f"image is {size[0]}x{size[1]}, smaller than data.resolution={resolution} on its shorter side "
             "(it would be upscaled and blurry); remove it or lower data.resolution"
@@ -90,7 +98,11 @@ def _size_problem(size: tuple[int, int] | None, resolution: int | None) -> str |
 
 
 def check_images(
-    records: Records, resolution: int | None, image_column: str = "image", cache_dir: Path | None = None
+    records: Records,
+    resolution: int | None,
+    image_column: str = "image",
+    cache_dir: Path | None = None,
+    by_area: bool = False,
 ) -> Records:
     """`records` minus every bad image; each removed one is added to `problems` with its reason.
 
@@ -106,7 +118,7 @@ def check_images(
     first_of: dict[str, str] = {}
     for i, result in enumerate(checks):
         name = records.names[i]
-        problem = result.problem or _size_problem(result.size, resolution)
+        problem = result.problem or _size_problem(result.size, resolution, by_area)
         if problem is None and result.digest in first_of:
             problem = f"duplicate of {first_of[result.digest]} (same bytes)"
         if problem is not None:
