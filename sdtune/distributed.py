@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -143,7 +144,10 @@ class FinalCheckpointInChildren(pl.Callback):
 def save_final_checkpoint(trainer: pl.Trainer, path: Any) -> None:
     """After `fit`: save the final checkpoint, or (ddp_spawn / ddp_fork) restore the step count from it."""
     if not fit_runs_in_child_processes(trainer):
-        trainer.save_checkpoint(path)
+        # callbacks.checkpoint writes last.ckpt at the end of the final step, the state that resumes exactly;
+        # a save after `fit` returns would record the finished loop instead.
+        if not Path(path).exists():
+            trainer.save_checkpoint(path)
         return
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     trainer.fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])

@@ -58,12 +58,19 @@ def probe_args(out: Path, **options: object) -> list[str]:
 
 @pytest.fixture(scope="module")
 def same_images(tmp_path_factory) -> Path:
-    """Eight identical captioned images: any split or order of them is the same data."""
+    """Eight captioned images with identical pixels: any split or order of them is the same data.
+
+    Each file carries its index in a PNG text chunk, so the bytes differ and duplicate detection keeps them.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
     root = tmp_path_factory.mktemp("same-images")
     image = Image.new("RGB", (32, 32), (128, 128, 128))
     ImageDraw.Draw(image).rectangle([8, 8, 23, 23], fill=(200, 30, 30))
     for i in range(8):
-        image.save(root / f"img{i}.png")
+        info = PngInfo()
+        info.add_text("copy", str(i))
+        image.save(root / f"img{i}.png", pnginfo=info)
         (root / f"img{i}.txt").write_text("a red square on a gray background")
     return root
 
@@ -337,7 +344,8 @@ def test_ddp_two_processes_match_one_process_with_the_same_effective_batch(
     assert manifest(run_dir)["effective_batch_size"] == 2
 
     # Side effects happen once: one export, one sample grid, one W&B run (in the run directory).
-    assert sorted(p.name for p in (run_dir / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    exported = sorted(p.name for p in (run_dir / "lora").iterdir())
+    assert exported == ["kohya.safetensors", "pytorch_lora_weights.safetensors"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [f"step_{MAX_STEPS:06d}.png"]
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1, wandb_runs
