@@ -98,7 +98,8 @@ def build_conditioning(cfg: DictConfig, stack: Any) -> ConditioningStack:
     from sdtune.models.expand import expand_unet_input
 
     conditioning = ConditioningStack(
-        {name: instantiate(component, stack=stack) for name, component in cfg.items()}
+        # Partial first: Hydra would turn the Stack dataclass into a config copy, detaching its dicts.
+        {name: instantiate(component, _partial_=True)(stack=stack) for name, component in cfg.items()}
     )
     if conditioning.concat_channels:
         expand_unet_input(stack.unet, stack.vae.config.latent_channels + conditioning.concat_channels)
