@@ -120,6 +120,9 @@ def check_runtime(cfg: DictConfig, report: Any) -> None:
     if runtime.compile_mode not in COMPILE_MODES:
         report(f"runtime.compile_mode: {runtime.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     _check_quantize(cfg, runtime, on_cpu, report)
+    aspect = cfg.data.get("bucket_max_aspect", 2.0)
+    if not isinstance(aspect, (int, float)) or aspect < 1:
+        report(f"data.bucket_max_aspect: must be a number >= 1 (2.0 = up to 2:1), got {aspect!r}")
 
 
 def _check_quantize(cfg: DictConfig, runtime: DictConfig, on_cpu: bool, report: Any) -> None:
