@@ -4,9 +4,11 @@ accelerator. None of them changes what is learned, only what it costs."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,35 @@ def configure_threads(threads: int | None, local_processes: int = 1) -> int:
     return chosen
 
 
+# glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """glibc: reuse freed activation memory instead of handing it back to the kernel every step.
+
+    By default glibc serves large blocks with fresh mmaps and trims the heap top after frees, adapting the
+    thresholds as it goes; in a process that has imported a lot (Lightning, Hydra, …) that adaptation often
+    does not happen, and every CPU step page-faults its activations in again (measured: 40 k page faults and
+    ~10% of a 128 px step). Fixed thresholds (blocks under 32 MiB from the heap, keep up to 256 MiB of free
+    heap) remove the faults without raising the peak memory. Returns False where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
+
+
+def configure_process(runtime: DictConfig, trainer: DictConfig) -> None:
+    """Process-wide CPU settings of `runtime`: torch's thread count, and the allocator tuning."""
+    configure_threads(runtime.threads, local_cpu_processes(trainer))
+    if runtime.get("tune_malloc", True) and tune_malloc():
+        log.info("glibc malloc: mmap threshold 32 MiB, trim threshold 256 MiB (runtime.tune_malloc)")
+
+
 # ---- validation -------------------------------------------------------------------------------------------
 
 
@@ -120,6 +151,9 @@ def check_runtime(cfg: DictConfig, report: Any) -> None:
     if runtime.compile_mode not in COMPILE_MODES:
         report(f"runtime.compile_mode: {runtime.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     _check_quantize(cfg, runtime, on_cpu, report)
+    aspect = cfg.data.get("bucket_max_aspect", 2.0)
+    if not isinstance(aspect, (int, float)) or aspect < 1:
+        report(f"data.bucket_max_aspect: must be a number >= 1 (2.0 = up to 2:1), got {aspect!r}")
 
 
 def _check_quantize(cfg: DictConfig, runtime: DictConfig, on_cpu: bool, report: Any) -> None:

@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> Run:
     from sdtune.run import record_data
 
     validate(cfg)
-    perf.configure_threads(cfg.runtime.threads, perf.local_cpu_processes(cfg.trainer))
+    perf.configure_process(cfg.runtime, cfg.trainer)
     run_dir = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(run_dir)
     save_config(cfg, run_dir)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import platform
+import sys
 
 import pytest
 import torch
 
 from sdtune.config import ConfigError, validate
-from sdtune.perf import configure_threads, default_threads, physical_cores
+from sdtune.perf import configure_threads, default_threads, physical_cores, tune_malloc
 
 CUDA = torch.cuda.is_available()
 # 1 thread: these tests run beside others on a small shared machine, where OpenMP threads that spin-wait on
@@ -40,6 +42,11 @@ def test_threads_default_to_physical_cores_and_are_logged(caplog) -> None:
     assert "torch CPU threads" in caplog.text
     assert configure_threads(1) == torch.get_num_threads() == 1
     assert default_threads(local_processes=64) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_tuning_applies_on_glibc() -> None:
+    assert tune_malloc() == (platform.libc_ver()[0] == "glibc")
 
 
 def test_gpu_only_levers_are_refused_on_cpu_with_the_fix(train_cfg) -> None:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -61,11 +62,11 @@ def digest_of(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _tensor_parts(tensors: dict[str, Tensor]) -> Iterator[bytes]:
+def _tensor_parts(tensors: dict[str, Tensor]) -> Iterator[Any]:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         yield f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
-        yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        yield t.reshape(-1).view(torch.uint8).numpy()  # a buffer: hashed without a copy
 
 
 def tensors_digest(tensors: dict[str, Tensor]) -> str:
@@ -146,10 +147,10 @@ def entry_is_complete(path: Path, key: str) -> bool:
 def read_entry(path: Path, key: str) -> dict[str, Tensor]:
     """Load an entry and verify its checksum; a corrupted entry is deleted and reported."""
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+        blob = path.read_bytes()
+        (header_len,) = struct.unpack("<Q", blob[:8])
+        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors = load_tensors(blob)
         good = metadata.get("key") == key and metadata.get("checksum") == tensors_checksum(tensors)
     except Exception:  # safetensors raises its own error types for damaged files
         good = False
