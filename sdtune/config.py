@@ -94,7 +94,7 @@ def _check_model(cfg: DictConfig, report: Report) -> None:
     if model.family not in FAMILIES:
         report(f"model.family: {model.family!r} is not one of {', '.join(FAMILIES)}")
     elif model.family == "sdxl":
-        report("model.family: SDXL is not supported yet; use model=sd15, model=sd21 or model=tiny")
+        _check_sdxl(cfg, report)
     if classify_source(model.pretrained) == "missing":
         report(
             f"model.pretrained: {model.pretrained!r} does not exist; give a hub id (org/name), a local "
@@ -108,6 +108,29 @@ def _check_model(cfg: DictConfig, report: Report) -> None:
             f"model.config: folder {config!r} does not exist; give a local diffusers folder of the same "
             "architecture"
         )
+
+
+def _check_sdxl(cfg: DictConfig, report: Report) -> None:
+    """What SDXL (two text encoders, micro-conditioning) does not support yet, each with what works."""
+    if cfg.data.get("cache_latents"):
+        report(
+            "data.cache_latents: the latent/text cache does not hold SDXL's second text encoder, pooled "
+            "embeddings or crop micro-conditioning yet; set data.cache_latents=false for model.family=sdxl"
+        )
+    if cfg.method.name == "textual_inversion":
+        report("method: textual inversion for SDXL (two embeddings per token) is not supported yet; use method=lora")
+    if cfg.method.get("init_from"):
+        report("method.init_from: starting SDXL from an existing LoRA file is not supported yet")
+    if cfg.get("runtime") is not None and cfg.runtime.get("quantize") is not None:
+        report("runtime.quantize: a quantised SDXL base is not supported yet; set runtime.quantize=null")
+    if cfg.data.name != "shapes" and cfg.data.name != "captions":
+        report(
+            f"data={cfg.data.name}: SDXL trains on data=captions or data=shapes only so far (other datasets do "
+            "not record the crop for SDXL's micro-conditioning)"
+        )
+    for name, component in (cfg.get("conditioning") or {}).items():
+        if component.get("_target_") != "sdtune.conditioning.text.TextConditioner":
+            report(f"conditioning.{name}: SDXL supports text conditioning only so far")
 
 
 def _check_pickle(path: Path, allow_pickle: bool, report: Report) -> None:
@@ -311,5 +334,7 @@ def _check_export(cfg: DictConfig, report: Report) -> None:
             f"export.formats: {lora_only} export a LoRA, but method={cfg.method.name} trains no adapter; "
             "use merged or single_file"
         )
-    if cfg.model.family == "sdxl" and ("kohya" in formats or "single_file" in formats):
-        report("export.formats: kohya and single_file exports for SDXL are not supported yet")
+    if cfg.model.family == "sdxl" and "single_file" in formats:
+        report("export.formats: single_file export for SDXL is not supported yet; use merged (a diffusers folder)")
+    if cfg.model.family == "sdxl" and cfg.method.get("variant", "lora") != "lora" and "kohya" in formats:
+        report("export.formats: kohya export of SDXL supports plain LoRA only (method.variant=lora)")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sdtune.conditioning import ConditioningStack, Conditions
+from sdtune.conditioning.text import with_micro_conditioning
 from sdtune.losses import (
     NonFiniteGuard,
     min_snr_weights,
@@ -61,6 +62,8 @@ class DiffusionModule(pl.LightningModule):
         A DreamBooth batch (it has `is_class`) gives instance loss + `method.prior_loss_weight` × class loss.
         """
         latents = self.batch_latents(batch)
+        height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        batch = with_micro_conditioning(batch, latents.shape[0], height, width)
         conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
         losses = self.per_sample_loss(latents, conditions)
         if "is_class" not in batch:
@@ -105,15 +108,18 @@ class DiffusionModule(pl.LightningModule):
             0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = self.unet(
-            conditions.unet_input(noisy), timesteps, encoder_hidden_states=conditions.crossattn
-        ).sample
+        pred = self.unet(conditions.unet_input(noisy), timesteps, **conditions.unet_kwargs()).sample
         target = prediction_target(scheduler, latents, noise, timesteps, self.prediction_type)
         losses = per_sample_mse(pred, target)
         if self.loss_cfg.snr_gamma is not None:
             weights = min_snr_weights(scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type)
             return losses * weights
         return losses
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent: 2^(VAE levels − 1)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def train(self, mode: bool = True) -> DiffusionModule:
         super().train(mode)

@@ -226,17 +226,16 @@ def apply_runtime(stack: Any, runtime: DictConfig | None) -> None:
     vae = DTYPES.get(runtime.vae_dtype or "") or weight
     parts = [(stack.vae, vae)]
     if runtime.get("quantize") is None:
-        parts += [(stack.unet, weight), (stack.text_encoder, weight)]
+        parts += [(stack.unet, weight)] + [(encoder, weight) for encoder in stack.text_encoders]
     for part, dtype in parts:
         if part.dtype != dtype:
             part.to(dtype)
-    cast_training_params([stack.unet, stack.text_encoder], torch.float32)  # what trains stays fp32
+    cast_training_params([stack.unet, *stack.text_encoders], torch.float32)  # what trains stays fp32
     if runtime.gradient_checkpointing:
         stack.unet.enable_gradient_checkpointing()
-        if any(p.requires_grad for p in stack.text_encoder.parameters()):
-            stack.text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        for encoder in stack.text_encoders:
+            if any(p.requires_grad for p in encoder.parameters()):
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_attention(stack, runtime.attention)
     if runtime.channels_last:
         stack.unet.to(memory_format=torch.channels_last)

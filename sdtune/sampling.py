@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdtune.conditioning import ConditioningStack
+from sdtune.conditioning.text import with_micro_conditioning
 
 # name -> (diffusers scheduler class, settings on top of the base model's scheduler config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -66,6 +67,7 @@ def generate(
     """
     size = len(next(iter(batch.values())))
     device, dtype = unet.device, unet.dtype
+    batch = with_micro_conditioning(batch, size, height, width)
     levels, scales = guidance_plan(list(conditioning.components), guidance, condition_guidance)
     conditions = [conditioning(batch, conditioning.keep_only(size, kept)) for kept in levels]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -126,7 +128,10 @@ def _predict(unet: Any, latents: Tensor, t: Tensor, conditions: list[Any], scale
     context = None
     if conditions[0].crossattn is not None:
         context = torch.cat([c.crossattn for c in conditions])
-    predictions = unet(inputs, t, encoder_hidden_states=context).sample.chunk(len(conditions))
+    kwargs = {}
+    if conditions[0].added is not None:
+        kwargs["added_cond_kwargs"] = {k: torch.cat([c.added[k] for c in conditions]) for k in conditions[0].added}
+    predictions = unet(inputs, t, encoder_hidden_states=context, **kwargs).sample.chunk(len(conditions))
     return combine_guidance(list(predictions), scales)
 
 

@@ -3,7 +3,8 @@
 A component declares the slot it feeds: `crossattn` (tokens of the U-Net's cross-attention width, concatenated
 along the token axis when several are active) or `concat` (channels at latent resolution, concatenated
 with the noisy latent; such a component also declares `channels`). The training module does not care which
-kind a component is. A component may also declare `input` (the `sdtune.sample` key that feeds it, e.g. `map`,
+kind a component is. A component feeding the U-Net's `added_cond_kwargs` too (SDXL text: pooled embedding and
+micro-conditioning time ids) returns (tokens, {name: tensor}). A component may also declare `input` (the `sdtune.sample` key that feeds it, e.g. `map`,
 read by its `read_input(path, resolution)`) and `visualize(batch) -> list[PIL.Image]` (shown beside each
 validation sample).
 """
@@ -27,6 +28,14 @@ class Conditions:
 
     crossattn: Tensor | None = None
     concat: Tensor | None = None
+    added: dict[str, Tensor] | None = None  # SDXL: the U-Net's added_cond_kwargs (text_embeds, time_ids)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the U-Net call besides its input and timestep."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.crossattn}
+        if self.added is not None:
+            kwargs["added_cond_kwargs"] = self.added
+        return kwargs
 
     def unet_input(self, noisy_latents: Tensor) -> Tensor:
         if self.concat is None:
@@ -52,11 +61,17 @@ class ConditioningStack(nn.Module):
     def forward(self, batch: dict[str, Any], drop: dict[str, Tensor]) -> Conditions:
         """Encode `batch`; samples marked in `drop[name]` get that component's null condition."""
         outputs: dict[str, list[Tensor]] = {slot: [] for slot in SLOTS}
+        added: dict[str, Tensor] = {}
         for name, component in self.components.items():
-            outputs[component.slot].append(component(batch, drop[name]))
+            output = component(batch, drop[name])
+            if isinstance(output, tuple):
+                output, extra = output
+                added.update(extra)
+            outputs[component.slot].append(output)
         return Conditions(
             crossattn=torch.cat(outputs["crossattn"], dim=1) if outputs["crossattn"] else None,
             concat=torch.cat(outputs["concat"], dim=1) if outputs["concat"] else None,
+            added=added or None,
         )
 
     def training_drop(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -1,4 +1,9 @@
-"""Text conditioning: CLIP tokens → hidden states, fed to the U-Net by cross-attention."""
+"""Text conditioning: CLIP tokens → hidden states, fed to the U-Net by cross-attention.
+
+SDXL (a stack with `text_encoder_2`): the penultimate hidden states of both encoders, concatenated, feed
+cross-attention; the second encoder's pooled (projected) embedding and the micro-conditioning time ids
+(original size, crop top-left, target size: `time_ids`) go to the U-Net's `added_cond_kwargs`.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ class TextConditioner(nn.Module):
     The null condition (classifier-free guidance) is the empty caption, or `batch["negative_<key>"]`.
     With the text cache on (`sdtune.data.cache`) the batch carries `<key>_embeds` and
     `negative_<key>_embeds` (the empty caption's) instead, and the encoder does not run.
+    For SDXL it returns (tokens, {"text_embeds": pooled, "time_ids": …}); dropped samples get the null
+    caption's tokens and pooled embedding, but keep their time ids.
     """
 
     slot = "crossattn"
@@ -23,30 +30,79 @@ class TextConditioner(nn.Module):
         super().__init__()
         self.tokenizer = stack.tokenizer
         self.text_encoder = stack.text_encoder
+        self.tokenizer_2 = getattr(stack, "tokenizer_2", None)
+        self.text_encoder_2 = getattr(stack, "text_encoder_2", None)
         self.rewrites = stack.caption_rewrites
         self.dropout = dropout
         self.key = key
         self.output_device: torch.device | None = None  # set when the encoder is kept off the accelerator
 
-    def forward(self, batch: dict[str, Any], drop: Tensor) -> Tensor:
+    def forward(self, batch: dict[str, Any], drop: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        if self.text_encoder_2 is not None:
+            tokens, pooled = self.encode_xl(self.chosen_captions(batch, drop))
+            return tokens, {"text_embeds": pooled, "time_ids": time_ids(batch).to(tokens.device)}
         cached = batch.get(f"{self.key}_embeds")
         if cached is not None:
             null = batch[f"negative_{self.key}_embeds"]
             return torch.where(drop.to(cached.device)[:, None, None], null, cached)
+        return self.encode(self.chosen_captions(batch, drop))
+
+    def chosen_captions(self, batch: dict[str, Any], drop: Tensor) -> list[str]:
+        """Each sample's caption, or its null caption (negative or empty) where `drop` is set."""
         captions = list(batch[self.key])
         negatives = batch.get(f"negative_{self.key}") or [""] * len(captions)
-        chosen = [neg if dropped else cap for cap, neg, dropped in zip(captions, negatives, drop.tolist())]
-        return self.encode(chosen)
+        return [neg if dropped else cap for cap, neg, dropped in zip(captions, negatives, drop.tolist())]
 
     def encode(self, captions: list[str]) -> Tensor:
-        for pattern, replacement in self.rewrites.items():
-            captions = [re.sub(pattern, replacement, c) for c in captions]
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = _token_ids(self.tokenizer, self._rewritten(captions))
         hidden = self.text_encoder(ids.to(self.text_encoder.device))[0]
         return hidden if self.output_device is None else hidden.to(self.output_device)
+
+    def encode_xl(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """SDXL: (both encoders' penultimate hidden states concatenated, encoder 2's pooled embedding).
+
+        The same maths as `StableDiffusionXLPipeline.encode_prompt`, but with gradients (text-encoder LoRA).
+        """
+        captions = self._rewritten(captions)
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            output = encoder(_token_ids(tokenizer, captions).to(encoder.device), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # encoder 2 (with projection): text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+    def _rewritten(self, captions: list[str]) -> list[str]:
+        for pattern, replacement in self.rewrites.items():
+            captions = [re.sub(pattern, replacement, c) for c in captions]
+        return captions
+
+
+MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")  # each (B, 2): (h, w) / (top, left)
+
+
+def time_ids(batch: dict[str, Any]) -> Tensor:
+    """SDXL's `add_time_ids` (B, 6): original (h, w), crop (top, left), target (h, w) of each sample."""
+    return torch.cat([torch.as_tensor(batch[key]).reshape(-1, 2) for key in MICRO_CONDITIONING], 1).float()
+
+
+def with_micro_conditioning(batch: dict[str, Any], size: int, height: int, width: int) -> dict[str, Any]:
+    """`batch` (of `size` samples) with the micro-conditioning it lacks filled in as an uncropped (height, width) image.
+
+    That is what `StableDiffusionXLPipeline` uses when sampling; data that records its resize and crop
+    (`sdtune.data.transforms`, `sdtune.data.buckets`) brings its own values.
+    """
+    missing = [key for key in MICRO_CONDITIONING if key not in batch]
+    if not missing:
+        return batch
+    defaults = {"original_size": (height, width), "crop_top_left": (0, 0), "target_size": (height, width)}
+    return {**batch, **{key: torch.tensor([defaults[key]] * size) for key in missing}}
+
+
+def _token_ids(tokenizer: Any, captions: list[str]) -> Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids

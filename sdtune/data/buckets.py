@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from sdtune.data.records import Records
 from sdtune.data.sampler import split_item
+from sdtune.data.transforms import placement
 
 Size = tuple[int, int]  # (width, height)
 
@@ -108,7 +109,19 @@ def fit_image(
 
     For a square `size` this is exactly `sdtune.data.transforms.ImageTransform`.
     """
+    return fit_image_placed(image, size, center_crop, flip, generator)[0]
+
+
+def fit_image_placed(
+    image: Image.Image,
+    size: Size,
+    center_crop: bool = True,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`fit_image` and the crop's micro-conditioning (`sdtune.data.transforms.placement`)."""
     image = ImageOps.exif_transpose(image).convert("RGB")
+    original = image.size
     width, height = size
     w, h = image.size
     scale = max(width / w, height / h)
@@ -125,11 +138,12 @@ def fit_image(
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return pixels, placement(original, (w, h), (left, top), size, flip)
 
 
 class BucketedDataset(Dataset):
-    """Pixels at each sample's bucket size and its caption."""
+    """Pixels at each sample's bucket size and its caption, with where its crop lies (SDXL micro-conditioning)."""
 
     def __init__(
         self,
@@ -152,8 +166,9 @@ class BucketedDataset(Dataset):
         index, generator = split_item(item)
         flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         image = open_image(self.records, index, self.image_column)
-        pixels = fit_image(image, self.buckets.size_of(index), self.center_crop, flip, generator)
-        return {"pixel_values": pixels, "caption": self.records.captions[index]}
+        size = self.buckets.size_of(index)
+        pixels, placement = fit_image_placed(image, size, self.center_crop, flip, generator)
+        return {"pixel_values": pixels, "caption": self.records.captions[index], **placement}
 
 
 # (epoch, batches of it already trained) from the trainer; None outside a Trainer.

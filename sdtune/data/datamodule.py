@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class ImageCaptionDataset(Dataset):
-    """Pixels in [-1, 1] and the caption of each record."""
+    """Pixels in [-1, 1] and the caption of each record, with where its crop lies (SDXL micro-conditioning)."""
 
     def __init__(self, records: Records, transform: ImageTransform, image_column: str = "image") -> None:
         self.records = records
@@ -48,7 +48,8 @@ class ImageCaptionDataset(Dataset):
         else:
             with Image.open(ref) as opened:
                 image = opened.copy()
-        return {"pixel_values": self.transform(image, generator), "caption": self.records.captions[index]}
+        pixels, placement = self.transform.placed(image, generator)
+        return {"pixel_values": pixels, "caption": self.records.captions[index], **placement}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

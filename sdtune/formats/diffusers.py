@@ -25,23 +25,26 @@ def adapter_metadata(model: Any) -> dict[str, Any] | None:
     return config.to_dict() if config is not None else None
 
 
-def save_diffusers_lora(out_dir: Path, unet: Any, text_encoder: Any | None = None) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` atomically; returns the file path."""
-    from diffusers import StableDiffusionPipeline
+def save_diffusers_lora(
+    out_dir: Path, unet: Any, text_encoders: dict[str, Any] | None = None, sdxl: bool = False
+) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` atomically; returns the file path.
+
+    `text_encoders` maps pipeline names (`text_encoder`, SDXL's `text_encoder_2`) to models; those with an
+    adapter are saved. With `sdxl` the file is written by `StableDiffusionXLPipeline`.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    te_layers = lora_layers(text_encoder) if text_encoder is not None else None
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {}
+    for name, model in {"unet": unet, **(text_encoders or {})}.items():
+        layers = lora_layers(model)
+        kwargs[f"{name}_lora_layers"] = layers
+        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model) if layers else None
     # Written in a scratch folder, then renamed: other exports may share `out_dir`.
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=lora_layers(unet),
-            text_encoder_lora_layers=te_layers,
-            unet_lora_adapter_metadata=adapter_metadata(unet),
-            text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if te_layers else None,
-            weight_name=WEIGHT_NAME,
-            safe_serialization=True,
-        )
+        pipeline.save_lora_weights(tmp, weight_name=WEIGHT_NAME, safe_serialization=True, **kwargs)
         os.replace(Path(tmp) / WEIGHT_NAME, out_dir / WEIGHT_NAME)
     return out_dir / WEIGHT_NAME

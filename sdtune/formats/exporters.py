@@ -35,6 +35,14 @@ class ExportContext:
     name: str
     embeddings: dict[str, Any] = field(default_factory=dict)  # textual inversion: placeholder -> rows
     conditioning: Any = None  # the run's ConditioningStack (its trainable parts are saved beside the exports)
+    text_encoder_2: Any = None  # SDXL
+    tokenizer_2: Any = None
+
+    @property
+    def text_encoders(self) -> dict[str, Any]:
+        """The text encoders by their diffusers pipeline names."""
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: model for name, model in encoders.items() if model is not None}
 
     @property
     def has_lora(self) -> bool:
@@ -71,6 +79,8 @@ def context_from_module(module: Any, *, name: str, resolution: int, num_train_im
         name=name,
         embeddings=learned_embeddings(stack),
         conditioning=module.conditioning,
+        text_encoder_2=stack.text_encoder_2,
+        tokenizer_2=stack.tokenizer_2,
     )
 
 
@@ -113,8 +123,7 @@ def export_diffusers(ctx: ExportContext, out: Path) -> Path:
             f"diffusers cannot load {_variant(ctx)} adapters; use format=peft, "
             "format=kohya (LyCORIS keys), format=merged or format=single_file"
         )
-    te = ctx.text_encoder if adapter_config(ctx.text_encoder) is not None else None
-    return save_diffusers_lora(out, ctx.unet, te)
+    return save_diffusers_lora(out, ctx.unet, ctx.text_encoders, sdxl=ctx.family == "sdxl")
 
 
 def export_kohya(ctx: ExportContext, out: Path) -> Path:
@@ -188,12 +197,13 @@ def _export_lycoris(ctx: ExportContext, out: Path) -> Path:
 
 
 def export_peft(ctx: ExportContext, out: Path) -> Path:
-    """peft adapters (`PeftModel.from_pretrained`): `out/unet/` and, if trained, `out/text_encoder/`."""
+    """peft adapters (`PeftModel.from_pretrained`): `out/unet/` and, if trained, `out/text_encoder/` (and
+    SDXL's `out/text_encoder_2/`)."""
     from safetensors.torch import save_file
 
     _require_lora(ctx, "peft")
     with atomic_path(Path(out)) as tmp:
-        for part, model in (("unet", ctx.unet), ("text_encoder", ctx.text_encoder)):
+        for part, model in {"unet": ctx.unet, **ctx.text_encoders}.items():
             config = adapter_config(model)
             if config is None:
                 continue
@@ -231,19 +241,30 @@ def _merged(model: Any) -> Any:
 
 def export_merged(ctx: ExportContext, out: Path) -> Path:
     """A full diffusers pipeline folder (`from_pretrained`) with the LoRA merged into the base."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     unet, text_encoder = merged_models(ctx)
-    pipe = StableDiffusionPipeline(
-        vae=ctx.vae,
-        text_encoder=text_encoder,
-        tokenizer=ctx.tokenizer,
-        unet=unet,
-        scheduler=ctx.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if ctx.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=ctx.vae,
+            text_encoder=text_encoder,
+            text_encoder_2=_merged(ctx.text_encoder_2),
+            tokenizer=ctx.tokenizer,
+            tokenizer_2=ctx.tokenizer_2,
+            unet=unet,
+            scheduler=ctx.scheduler,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=ctx.vae,
+            text_encoder=text_encoder,
+            tokenizer=ctx.tokenizer,
+            unet=unet,
+            scheduler=ctx.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     with atomic_path(Path(out)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(out)
@@ -347,7 +368,7 @@ CONDITIONING_WEIGHTS = "conditioning.safetensors"
 def conditioning_weights(ctx: ExportContext) -> dict[str, Any]:
     """The trainable tensors of the run's conditioning that belong to none of the stack's models (e.g. a
     representation projection), keyed relative to the ConditioningStack."""
-    models = (ctx.unet, ctx.text_encoder, ctx.vae)
+    models = (ctx.unet, ctx.vae, *ctx.text_encoders.values())
     owned = {id(p) for model in models for p in model.parameters()}
     return {
         name: p.detach().cpu().contiguous()

@@ -43,12 +43,13 @@ def adapter_scale(config: Any) -> float:
 
 
 def apply_lora(stack: Any, method: DictConfig) -> None:
-    """Add peft LoRA adapters to the U-Net (and the text encoder if asked); only they train."""
+    """Add peft LoRA adapters to the U-Net (and the text encoders if asked); only they train."""
     config = adapter_peft_config(method, method.target_modules, method.rank)
     stack.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     if method.train_text_encoder:
-        config = adapter_peft_config(method, method.text_encoder_target_modules, method.text_encoder_rank)
-        add_adapter(stack.text_encoder, config)
+        for encoder in _text_encoders(stack):
+            config = adapter_peft_config(method, method.text_encoder_target_modules, method.text_encoder_rank)
+            add_adapter(encoder, config)
     if method.get("init_from"):
         load_initial_lora(stack, method.init_from)
 
@@ -70,9 +71,15 @@ def apply_full(stack: Any, method: DictConfig) -> None:
     if method.gradient_checkpointing:
         stack.unet.enable_gradient_checkpointing()
     if method.train_text_encoder:
-        stack.text_encoder.requires_grad_(True)
-        if method.gradient_checkpointing:
-            stack.text_encoder.gradient_checkpointing_enable()
+        for encoder in _text_encoders(stack):
+            encoder.requires_grad_(True)
+            if method.gradient_checkpointing:
+                encoder.gradient_checkpointing_enable()
+
+
+def _text_encoders(stack: Any) -> list[Any]:
+    """The stack's text encoders: one, or SDXL's two."""
+    return [e for e in (stack.text_encoder, getattr(stack, "text_encoder_2", None)) if e is not None]
 
 
 METHODS: dict[str, Callable[[Any, DictConfig], None]] = {

@@ -33,10 +33,18 @@ class Stack:
     # Textual inversion: placeholder -> its tokens; caption rewrites (word -> text) the text encoder applies.
     placeholders: dict[str, list[str]] = field(default_factory=dict)
     caption_rewrites: dict[str, str] = field(default_factory=dict)
+    # SDXL: the second text encoder (with projection: its pooled output conditions the U-Net) and tokenizer.
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
         return dict(self.noise_scheduler.config)
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        """The text encoders the stack has (one, or SDXL's two)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
 
 def classify_source(pretrained: str | None) -> str:
@@ -58,15 +66,9 @@ def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
     """Load the stack described by the `model` config group (all components frozen, in eval mode)."""
     from diffusers import DDPMScheduler
 
-    if model.family == "sdxl":
-        raise ConfigError(
-            ["model.family: SDXL is not supported yet; use model=sd15, model=sd21 or model=tiny"]
-        )
     kind = classify_source(model.pretrained)
     if kind == "tiny":
-        from sdtune.models.tiny import ensure_tiny_pipeline
-
-        pipe, base = _from_pretrained(str(ensure_tiny_pipeline(cache_dir)), model, local=True)
+        pipe, base = _from_pretrained(str(_ensure_tiny(model.family, cache_dir)), model, local=True)
     elif kind == "local":
         pipe, base = _from_pretrained(str(Path(model.pretrained).expanduser().resolve()), model, local=True)
     elif kind == "hub":
@@ -76,14 +78,46 @@ def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
     else:
         raise ConfigError([f"model.pretrained: {model.pretrained!r} does not exist"])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for part in (pipe.vae, pipe.unet, pipe.text_encoder):
-        part.requires_grad_(False)
-        part.eval()
-    return Stack(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, noise_scheduler, model.family, base)
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    for part in (pipe.vae, pipe.unet, pipe.text_encoder, text_encoder_2):
+        if part is not None:
+            part.requires_grad_(False)
+            part.eval()
+    return Stack(
+        pipe.vae,
+        pipe.unet,
+        pipe.text_encoder,
+        pipe.tokenizer,
+        noise_scheduler,
+        model.family,
+        base,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+    )
+
+
+def _ensure_tiny(family: str, cache_dir: Path) -> Path:
+    """The embedded tiny stack of `family` (SDXL's for sdxl, SD1.5's otherwise) as a diffusers folder."""
+    if family == "sdxl":
+        from sdtune.models.tiny_xl import ensure_tiny_xl_pipeline
+
+        return ensure_tiny_xl_pipeline(cache_dir)
+    from sdtune.models.tiny import ensure_tiny_pipeline
+
+    return ensure_tiny_pipeline(cache_dir)
+
+
+def pipeline_class(family: str) -> Any:
+    """The diffusers pipeline class of `family`: `StableDiffusionXLPipeline` for sdxl."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
 def _pipeline_kwargs(model: DictConfig) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {}
+    if model.family != "sdxl":  # SDXL pipelines have no safety checker
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if model.get("revision"):
         kwargs["revision"] = model.revision
     if model.get("variant"):
@@ -92,13 +126,12 @@ def _pipeline_kwargs(model: DictConfig) -> dict[str, Any]:
 
 
 def _from_pretrained(source: str, model: DictConfig, local: bool) -> tuple[Any, str]:
-    from diffusers import StableDiffusionPipeline
-
+    pipeline = pipeline_class(model.family)
     kwargs = _pipeline_kwargs(model)
     if local:
-        return StableDiffusionPipeline.from_pretrained(source, **kwargs), source
+        return pipeline.from_pretrained(source, **kwargs), source
     try:
-        return StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs), source
+        return pipeline.from_pretrained(source, local_files_only=True, **kwargs), source
     except OSError as cached_error:
         if _offline():
             raise ConfigError(
@@ -110,7 +143,7 @@ def _from_pretrained(source: str, model: DictConfig, local: bool) -> tuple[Any, 
                 ]
             ) from cached_error
     try:
-        return StableDiffusionPipeline.from_pretrained(source, **kwargs), source
+        return pipeline.from_pretrained(source, **kwargs), source
     except Exception as error:  # the hub client raises many kinds of network and HTTP errors
         raise ConfigError(
             [
@@ -125,8 +158,6 @@ def _offline() -> bool:
 
 
 def _from_single_file(model: DictConfig, cache_dir: Path) -> Any:
-    from diffusers import StableDiffusionPipeline
-
     from sdtune.checkpoint import PICKLE_SUFFIXES, loads_weights_only, tensors_only_copy
 
     kwargs = _pipeline_kwargs(model)
@@ -142,7 +173,7 @@ def _from_single_file(model: DictConfig, cache_dir: Path) -> Any:
     if is_pickle and model.get("allow_pickle") and not loads_weights_only(source):
         source = tensors_only_copy(source, cache_dir)
     try:
-        return StableDiffusionPipeline.from_single_file(str(source), **kwargs)
+        return pipeline_class(model.family).from_single_file(str(source), **kwargs)
     except Exception as error:  # the single-file loader surfaces format problems as many error kinds
         raise ConfigError(
             [
