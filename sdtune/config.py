@@ -118,15 +118,15 @@ def _check_sdxl(cfg: DictConfig, report: Report) -> None:
             "embeddings or crop micro-conditioning yet; set data.cache_latents=false for model.family=sdxl"
         )
     if cfg.method.name == "textual_inversion":
-        report("method: textual inversion for SDXL (two embeddings per token) is not supported yet; use method=lora")
+        report("method: textual inversion for SDXL is not supported yet; use method=lora or method=full")
     if cfg.method.get("init_from"):
         report("method.init_from: starting SDXL from an existing LoRA file is not supported yet")
     if cfg.get("runtime") is not None and cfg.runtime.get("quantize") is not None:
         report("runtime.quantize: a quantised SDXL base is not supported yet; set runtime.quantize=null")
     if cfg.data.name != "shapes" and cfg.data.name != "captions":
         report(
-            f"data={cfg.data.name}: SDXL trains on data=captions or data=shapes only so far (other datasets do "
-            "not record the crop for SDXL's micro-conditioning)"
+            f"data={cfg.data.name}: SDXL trains on data=captions or data=shapes only so far (other datasets "
+            "do not record the crop for SDXL's micro-conditioning)"
         )
     for name, component in (cfg.get("conditioning") or {}).items():
         if component.get("_target_") != "sdtune.conditioning.text.TextConditioner":
@@ -335,6 +335,8 @@ def _check_export(cfg: DictConfig, report: Report) -> None:
             "use merged or single_file"
         )
     if cfg.model.family == "sdxl" and "single_file" in formats:
-        report("export.formats: single_file export for SDXL is not supported yet; use merged (a diffusers folder)")
+        report(
+            "export.formats: single_file export for SDXL is not supported yet; use merged (diffusers folder)"
+        )
     if cfg.model.family == "sdxl" and cfg.method.get("variant", "lora") != "lora" and "kohya" in formats:
         report("export.formats: kohya export of SDXL supports plain LoRA only (method.variant=lora)")

@@ -130,7 +130,8 @@ def _predict(unet: Any, latents: Tensor, t: Tensor, conditions: list[Any], scale
         context = torch.cat([c.crossattn for c in conditions])
     kwargs = {}
     if conditions[0].added is not None:
-        kwargs["added_cond_kwargs"] = {k: torch.cat([c.added[k] for c in conditions]) for k in conditions[0].added}
+        added = conditions[0].added
+        kwargs["added_cond_kwargs"] = {k: torch.cat([c.added[k] for c in conditions]) for k in added}
     predictions = unet(inputs, t, encoder_hidden_states=context, **kwargs).sample.chunk(len(conditions))
     return combine_guidance(list(predictions), scales)
 

@@ -3,8 +3,9 @@
 A component declares the slot it feeds: `crossattn` (tokens of the U-Net's cross-attention width, concatenated
 along the token axis when several are active) or `concat` (channels at latent resolution, concatenated
 with the noisy latent; such a component also declares `channels`). The training module does not care which
-kind a component is. A component feeding the U-Net's `added_cond_kwargs` too (SDXL text: pooled embedding and
-micro-conditioning time ids) returns (tokens, {name: tensor}). A component may also declare `input` (the `sdtune.sample` key that feeds it, e.g. `map`,
+kind a component is. A component that also feeds the U-Net's `added_cond_kwargs` (SDXL text: pooled
+embedding and micro-conditioning time ids) returns (tokens, {name: tensor}). A component may also
+declare `input` (the `sdtune.sample` key that feeds it, e.g. `map`,
 read by its `read_input(path, resolution)`) and `visualize(batch) -> list[PIL.Image]` (shown beside each
 validation sample).
 """

@@ -65,7 +65,8 @@ class TextConditioner(nn.Module):
         """
         captions = self._rewritten(captions)
         hidden, pooled = [], None
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        for tokenizer, encoder in pairs:
             output = encoder(_token_ids(tokenizer, captions).to(encoder.device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled = output[0]  # encoder 2 (with projection): text_embeds
@@ -86,7 +87,7 @@ def time_ids(batch: dict[str, Any]) -> Tensor:
 
 
 def with_micro_conditioning(batch: dict[str, Any], size: int, height: int, width: int) -> dict[str, Any]:
-    """`batch` (of `size` samples) with the micro-conditioning it lacks filled in as an uncropped (height, width) image.
+    """`batch` (of `size` samples) with the micro-conditioning it lacks, as for an uncropped height × width.
 
     That is what `StableDiffusionXLPipeline` uses when sampling; data that records its resize and crop
     (`sdtune.data.transforms`, `sdtune.data.buckets`) brings its own values.

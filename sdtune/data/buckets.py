@@ -143,7 +143,7 @@ def fit_image_placed(
 
 
 class BucketedDataset(Dataset):
-    """Pixels at each sample's bucket size and its caption, with where its crop lies (SDXL micro-conditioning)."""
+    """Pixels at each sample's bucket size, its caption, and where its crop lies (SDXL micro-conditioning)."""
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class ImageCaptionDataset(Dataset):
-    """Pixels in [-1, 1] and the caption of each record, with where its crop lies (SDXL micro-conditioning)."""
+    """Pixels in [-1, 1], the caption of each record, and where its crop lies (SDXL micro-conditioning)."""
 
     def __init__(self, records: Records, transform: ImageTransform, image_column: str = "image") -> None:
         self.records = records

@@ -58,7 +58,11 @@ class ImageTransform:
 
 
 def placement(
-    original: tuple[int, int], resized: tuple[int, int], left_top: tuple[int, int], crop: tuple[int, int], flip: bool
+    original: tuple[int, int],
+    resized: tuple[int, int],
+    left_top: tuple[int, int],
+    crop: tuple[int, int],
+    flip: bool,
 ) -> dict[str, Tensor]:
     """SDXL micro-conditioning of one sample: `original_size` (h, w) of the source image, `crop_top_left`
     (top, left) of the crop in the resized image, `target_size` (h, w) of the crop. Sizes are PIL (w, h).

@@ -4,7 +4,8 @@ It has SDXL's U-Net layout (3 levels: a plain first level, then two cross-attent
 transformer layers deeper down, 2 layers per block; `text_time` micro-conditioning), two CLIP text encoders
 (the second with a projection giving the pooled embedding), and the tiny SD VAE (8x downsampling). So the SDXL
 code paths (two encoders, pooled embeddings, time ids, sgm-style kohya names) all run on it unchanged. Both
-tokenizers are the shipped tiny vocabulary. It is materialised once as a diffusers pipeline folder in the cache.
+tokenizers are the shipped tiny vocabulary. It is materialised once as a diffusers pipeline folder in the
+cache.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def tiny_xl_key() -> str:
 
 
 def ensure_tiny_xl_pipeline(cache_dir: Path) -> Path:
-    """The tiny SDXL stack as a diffusers pipeline folder in `cache_dir`, built once (safe across processes)."""
+    """The tiny SDXL stack as a diffusers folder in `cache_dir`, built once (safe across processes)."""
     return build_once(Path(cache_dir) / f"tiny-sdxl-{tiny_xl_key()}", save_tiny_xl_pipeline)
 
 
