@@ -129,9 +129,21 @@ def load_conditioning_weights(cfg: DictConfig, conditioning: Any) -> None:
 
 
 def load_lora(stack: Any, path: str) -> None:
-    """Apply a LoRA file to the stack's U-Net and text encoder with diffusers' own loader."""
-    from diffusers import StableDiffusionPipeline
+    """Apply a LoRA file to the stack's U-Net and text encoder(s) with diffusers' own loader."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if stack.text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(
+            vae=stack.vae,
+            text_encoder=stack.text_encoder,
+            text_encoder_2=stack.text_encoder_2,
+            tokenizer=stack.tokenizer,
+            tokenizer_2=stack.tokenizer_2,
+            unet=stack.unet,
+            scheduler=stack.noise_scheduler,
+        )
+        pipe.load_lora_weights(path)
+        return
     pipe = StableDiffusionPipeline(
         vae=stack.vae,
         text_encoder=stack.text_encoder,

@@ -128,11 +128,9 @@ def export_diffusers(ctx: ExportContext, out: Path) -> Path:
 
 def export_kohya(ctx: ExportContext, out: Path) -> Path:
     """kohya / A1111 / ComfyUI LoRA file with sd-scripts' metadata; `out` is a `.safetensors` file."""
-    from sdtune.formats.kohya import kohya_metadata, peft_to_kohya, save_kohya
+    from sdtune.formats.kohya import SDXL_VERSION, kohya_metadata, peft_to_kohya, save_kohya
 
     _require_lora(ctx, "kohya")
-    if ctx.family == "sdxl":
-        raise ExportError("kohya export for SDXL is not supported yet; use format=diffusers or format=peft")
     variant = _variant(ctx)
     if variant == "dora":
         raise ExportError(
@@ -140,18 +138,27 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
             "format=merged or format=single_file"
         )
     if variant in ("loha", "lokr"):
+        if ctx.family == "sdxl":
+            raise ExportError(f"kohya export of SDXL {variant} is not supported yet; use format=peft")
         return _export_lycoris(ctx, Path(out))
     unet_config = adapter_config(ctx.unet)
-    te_config = adapter_config(ctx.text_encoder)
+    encoders = {
+        name: (lora_layers(model), adapter_config(model)) for name, model in ctx.text_encoders.items()
+    }
+    te, te_config = encoders["text_encoder"]
+    te_2, te_2_config = encoders.get("text_encoder_2", (None, None))
     state = peft_to_kohya(
         lora_layers(ctx.unet),
         unet_config,
-        lora_layers(ctx.text_encoder) if te_config is not None else None,
+        te,
         te_config,
         family=ctx.family,
+        text_encoder_2_lora=te_2,
+        text_encoder_2_config=te_2_config,
+        unet_layout=ctx.unet.config,
     )
     v_pred = ctx.prediction_type == "v_prediction"
-    version = "sd_v1" if ctx.family == "sd1" else ("sd_v2_v" if v_pred else "sd_v2")
+    version = {"sd1": "sd_v1", "sdxl": SDXL_VERSION}.get(ctx.family, "sd_v2_v" if v_pred else "sd_v2")
     scale_alpha = unet_config.lora_alpha * (unet_config.r**0.5 if unet_config.use_rslora else 1)
     metadata = kohya_metadata(
         base_model_version=version,
@@ -275,7 +282,9 @@ def export_single_file(ctx: ExportContext, out: Path) -> Path:
     from sdtune.formats.single_file import save_single_file
 
     if ctx.family == "sdxl":
-        raise ExportError("single-file export for SDXL is not supported yet; use format=merged")
+        raise ExportError(
+            "single-file export for SDXL is not supported yet; use format=merged (a diffusers folder)"
+        )
     if ctx.widened_input:
         raise ExportError(
             f"single-file export of a U-Net with {ctx.unet.config.in_channels} input channels (concat "

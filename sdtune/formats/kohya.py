@@ -1,10 +1,12 @@
-"""peft LoRA weights to and from the kohya format that A1111, ComfyUI and kohya sd-scripts read (SD1.x/SD2.x).
+"""peft LoRA weights to and from the kohya format that A1111, ComfyUI and kohya sd-scripts read.
 
 A kohya file holds, per adapted module, `<prefix>_<module path with "." -> "_">.lora_down.weight` (peft's
 `lora_A`), `.lora_up.weight` (`lora_B`) and a 0-dim `.alpha`; every reader applies
 `W + (alpha / r) * up @ down` with `r = lora_down.shape[0]`. Prefixes are `lora_unet` and `lora_te`, and text
 encoder paths are written in their canonical `text_model.` form even when the installed transformers has
-flattened `CLIPTextModel`.
+flattened `CLIPTextModel`. SDXL files (export only) name the U-Net as sd-scripts' sgm U-Net does
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`; the block numbers come from the U-Net config)
+and the text encoders `lora_te1_` / `lora_te2_`.
 
 Export writes ONE alpha value for the whole file: diffusers loses per-module alphas, so a module whose
 trained scale differs from `alpha / r` gets the difference folded into its `lora_up`. A text-encoder attention
@@ -22,10 +24,11 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -38,26 +41,28 @@ from sdtune.io import atomic_path
 UNET_PREFIX = "lora_unet_"
 TE_PREFIX = "lora_te_"
 TE_PREFIX_ALIASES = ("lora_te_", "lora_te1_")  # diffusers' own kohya writer uses lora_te1_ for SD1
+SDXL_TE_PREFIXES = ("lora_te1_", "lora_te2_")
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
 PEFT_WRAPPER_PREFIX = "base_model.model."
-SDXL_ERROR = "kohya export for SDXL is not supported yet; use format=diffusers or format=peft"
+SDXL_ERROR = "reading SDXL kohya LoRA files is not supported yet; use a diffusers-format LoRA"
+SDXL_VERSION = "sdxl_base_v1-0"
 BASE_MODEL_VERSIONS = {
     "sd_v1": "stable-diffusion-v1/lora",
     "sd_v2": "stable-diffusion-v2-512/lora",
     "sd_v2_v": "stable-diffusion-v2-768-v/lora",
+    SDXL_VERSION: "stable-diffusion-xl-v1-base/lora",
 }
+SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v", "v_prediction": "v"}
 LEGACY_HASH_OFFSET, LEGACY_HASH_SIZE = 0x100000, 0x10000
-_CLIP_ATTENTION = re.compile(r"^(lora_te_.*_self_attn_)(q|k|v|out)_proj$")
+_CLIP_ATTENTION = re.compile(r"^(lora_te[12]?_.*_self_attn_)(q|k|v|out)_proj$")
 _SGM_NAME = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_|lora_te2_")
 
 
 def _check_family(family: str) -> None:
-    """Raise ValueError unless `family` is one this module can write (sd1, sd2)."""
-    if family == "sdxl":
-        raise ValueError(SDXL_ERROR)
-    if family not in ("sd1", "sd2"):
+    """Raise ValueError unless `family` is one this module knows (sd1, sd2, sdxl)."""
+    if family not in ("sd1", "sd2", "sdxl"):
         raise ValueError(f"family={family!r} is not one of sd1, sd2, sdxl")
 
 
@@ -74,19 +79,29 @@ def peft_to_kohya(
     *,
     family: str = "sd1",
     dtype: torch.dtype | None = None,
+    text_encoder_2_lora: dict[str, torch.Tensor] | None = None,
+    text_encoder_2_config: LoraConfig | None = None,
+    unet_layout: Any = None,
 ) -> dict[str, torch.Tensor]:
-    """Convert `get_peft_model_state_dict` outputs of the U-Net (and text encoder) to a kohya state dict.
+    """Convert `get_peft_model_state_dict` outputs of the U-Net (and text encoders) to a kohya state dict.
 
     All modules share one `.alpha` (the most common trained alpha); `dtype` casts the weights (default: as
-    trained); alphas are float32.
+    trained); alphas are float32. SDXL (`family="sdxl"`) needs `unet_layout` (the U-Net's config) to name
+    U-Net modules the sgm way; its text encoders are `lora_te1_` and `text_encoder_2_lora` → `lora_te2_`.
     """
     _check_family(family)
-    if text_encoder_lora and text_encoder_config is None:
-        raise ValueError("text_encoder_lora was given without text_encoder_config")
-    modules = _peft_modules(unet_lora, unet_config, UNET_PREFIX, canonical_te=False)
-    if text_encoder_lora:
-        te_modules = _peft_modules(text_encoder_lora, text_encoder_config, TE_PREFIX, canonical_te=True)
-        modules += te_modules + _missing_attention_projections(te_modules)
+    if family == "sdxl" and unet_layout is None:
+        raise ValueError("family='sdxl' needs unet_layout (the U-Net config) for sgm block names")
+    rename = (lambda path: sgm_unet_path(path, unet_layout)) if family == "sdxl" else None
+    modules = _peft_modules(unet_lora, unet_config, UNET_PREFIX, canonical_te=False, rename=rename)
+    te_prefixes = SDXL_TE_PREFIXES if family == "sdxl" else (TE_PREFIX,)
+    encoders = [(text_encoder_lora, text_encoder_config), (text_encoder_2_lora, text_encoder_2_config)]
+    for prefix, (lora, config) in zip(te_prefixes, encoders):
+        if lora and config is None:
+            raise ValueError(f"{prefix} LoRA weights were given without their LoraConfig")
+        if lora:
+            te_modules = _peft_modules(lora, config, prefix, canonical_te=True)
+            modules += te_modules + _missing_attention_projections(te_modules)
     if not modules:
         raise ValueError("no LoRA weights to export: the peft state dicts are empty")
     trained_alphas = [m.kohya_alpha for m in modules if m.kohya_alpha is not None]
@@ -136,7 +151,12 @@ def _missing_attention_projections(modules: list[_PeftModule]) -> list[_PeftModu
 
 
 def _peft_modules(
-    state_dict: dict[str, torch.Tensor], config: LoraConfig, prefix: str, *, canonical_te: bool
+    state_dict: dict[str, torch.Tensor],
+    config: LoraConfig,
+    prefix: str,
+    *,
+    canonical_te: bool,
+    rename: Callable[[str], str] | None = None,
 ) -> list[_PeftModule]:
     """Group a peft state dict by module, check it against `config`, and resolve each module's alpha."""
     _check_config(config)
@@ -157,8 +177,65 @@ def _peft_modules(
         )
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         kohya_path = path if not canonical_te or path.startswith("text_model.") else "text_model." + path
+        kohya_path = rename(kohya_path) if rename is not None else kohya_path
         modules.append(_PeftModule(prefix + kohya_path.replace(".", "_"), a, b, scale * r))
     return modules
+
+
+_RESNET_SGM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_TOP_LEVEL_SGM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def sgm_unet_path(path: str, layout: Any) -> str:
+    """The sgm (Stability's generative-models) path of a diffusers U-Net module, as sd-scripts names SDXL.
+
+    `layout` is the U-Net config: `layers_per_block` gives the flat `input_blocks` / `output_blocks`
+    numbering (`down_blocks.1.attentions.0` → `input_blocks.4.1` when it is 2), `up_block_types` whether
+    an up level's upsampler follows an attention (index 2) or only a resnet (index 1).
+    """
+    for name, sgm in _TOP_LEVEL_SGM.items():
+        if path == name or path.startswith(name + "."):
+            return sgm + path.removeprefix(name)
+    per_level = int(layout.layers_per_block) + 1
+    parts = path.split(".")
+    if parts[0] not in ("down_blocks", "mid_block", "up_blocks") or len(parts) < 4:
+        raise ValueError(f"U-Net module {path!r} has no sgm name; adapt modules inside the blocks only")
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        block = 1 if kind == "attentions" else 2 * index
+        return _sgm_join(f"middle_block.{block}", kind, rest)
+    level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(level + 1) * per_level}.0." + ".".join(["op", *rest[1:]])
+        block = 1 + level * per_level + index
+        return _sgm_join(f"input_blocks.{block}.{0 if kind == 'resnets' else 1}", kind, rest)
+    if kind == "upsamplers":
+        after = 2 if "CrossAttn" in layout.up_block_types[level] else 1
+        return f"output_blocks.{level * per_level + per_level - 1}.{after}." + ".".join(rest)
+    block = level * per_level + index
+    return _sgm_join(f"output_blocks.{block}.{0 if kind == 'resnets' else 1}", kind, rest)
+
+
+def _sgm_join(block: str, kind: str, rest: list[str]) -> str:
+    if kind == "resnets":
+        rest = [_RESNET_SGM.get(rest[0], rest[0]), *rest[1:]]
+    return ".".join([block, *rest])
 
 
 def _check_config(config: LoraConfig) -> None:
@@ -225,6 +302,8 @@ def kohya_to_peft(
     `.alpha` means alpha = rank (sd-scripts' rule). The text-encoder dict is None when the file has none.
     """
     _check_family(family)
+    if family == "sdxl":
+        raise ValueError(SDXL_ERROR)
     unet_names = _module_index(unet, UNET_PREFIX, te=False)
     te_names = _module_index(text_encoder, TE_PREFIX, te=True) if text_encoder is not None else {}
     groups, unknown = _group_kohya_keys(state_dict, unet_names, te_names)
@@ -301,7 +380,7 @@ def _unknown_keys_message(unknown: list[str], no_text_encoder: bool) -> str:
     """Explain keys that match no module, with the likely cause."""
     message = "these kohya keys match no module of the given model(s): " + _listing(unknown)
     if any(_SGM_NAME.match(key) for key in unknown):
-        message += ". They look like an SDXL LoRA, which is not supported yet"
+        message += ". They look like an SDXL LoRA; " + SDXL_ERROR
     elif no_text_encoder and any(key.startswith(TE_PREFIX_ALIASES) for key in unknown):
         message += ". The file has text-encoder LoRA: pass text_encoder=, or remove the lora_te_ keys"
     return message
@@ -371,8 +450,6 @@ def kohya_metadata(
 
     `prediction_type` is `epsilon` or `v` (`v_prediction` is accepted); `extra` entries are added last.
     """
-    if base_model_version.startswith("sdxl"):
-        raise ValueError(SDXL_ERROR)
     _check_version(base_model_version, v2, prediction_type)
     width, height = resolution
     metadata = {
@@ -387,7 +464,9 @@ def kohya_metadata(
         "ss_num_train_images": str(int(num_train_images)),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": BASE_MODEL_VERSIONS[base_model_version],
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": SDXL_IMPLEMENTATION
+        if base_model_version == SDXL_VERSION
+        else "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -406,7 +485,7 @@ def _check_version(base_model_version: str, v2: bool, prediction_type: str) -> N
         )
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
-    if v2 != (base_model_version != "sd_v1"):
+    if v2 != base_model_version.startswith("sd_v2"):
         raise ValueError(f"v2={v2} contradicts base_model_version={base_model_version!r}")
     if v2 and (PREDICTION_TYPES[prediction_type] == "v") != (base_model_version == "sd_v2_v"):
         raise ValueError(
@@ -435,7 +514,7 @@ def save_kohya(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[s
     from the file as written, so it equals what a reader computes from the file.
     """
     _check_metadata(metadata)
-    stray = [key for key in state_dict if not key.startswith((UNET_PREFIX, *TE_PREFIX_ALIASES))]
+    stray = [key for key in state_dict if not key.startswith((UNET_PREFIX, TE_PREFIX, *SDXL_TE_PREFIXES))]
     if stray:
         raise ValueError("kohya readers reject keys outside lora_unet_/lora_te_: " + _listing(stray))
     tensors = {key: tensor.detach().contiguous() for key, tensor in state_dict.items()}

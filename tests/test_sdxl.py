@@ -1,0 +1,231 @@
+"""SDXL on the embedded tiny_xl stack: training end to end, micro-conditioning from the data crop, exports
+loaded by diffusers' own SDXL loader, and sampling from a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from PIL import Image
+from safetensors import safe_open
+
+from sdtune.data.buckets import fit_image_placed
+from sdtune.data.transforms import ImageTransform
+from sdtune.formats.kohya import sgm_unet_path
+from sdtune.models.tiny_xl import UNET_XL_CONFIG, ensure_tiny_xl_pipeline
+from sdtune.sample import sample
+from sdtune.train import train
+
+from .conftest import compose_config
+from .test_formats_kohya import LOADER_FAILURES, loader_messages
+
+FORMATS = ["diffusers", "kohya", "peft", "merged"]
+UNET_TARGETS = "[to_q,to_k,to_v,to_out.0,proj_in,ff.net.2,conv1]"
+FAST = [
+    "+experiment=lora",
+    "model=tiny_xl",
+    "trainer.max_steps=2",
+    "data.batch_size=2",
+    "sampling.every_n_steps=0",
+    "sampling.steps=2",
+    "sampling.per_prompt=1",
+    "logger=none",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("sdxl") / "run"
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "data.num_images=4",
+            "method.rank=4",
+            "method.alpha=2",
+            "method.lr=1e-2",
+            "method.train_text_encoder=true",
+            f"method.target_modules={UNET_TARGETS}",
+            f"export.formats=[{','.join(FORMATS)}]",
+        ],
+        run_dir,
+    )
+    result = train(cfg)
+    result.module.eval()
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_dir(cache_dir: Path) -> Path:
+    return ensure_tiny_xl_pipeline(cache_dir)
+
+
+def fixed_inputs(unet, text_encoder) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "latents": torch.randn(2, 4, 8, 8, generator=generator),
+        "ids": torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=generator),
+        "hidden": torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator),
+        "pooled": torch.randn(2, 32, generator=generator),
+        "time_ids": torch.tensor([[96.0, 64, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]]),
+    }
+
+
+@torch.no_grad()
+def outputs(unet, text_encoder, text_encoder_2) -> list[torch.Tensor]:
+    """U-Net prediction (with SDXL's added conditions) and both encoders' outputs on fixed inputs."""
+    x = fixed_inputs(unet, text_encoder)
+    added = {"text_embeds": x["pooled"], "time_ids": x["time_ids"]}
+    pred = unet(x["latents"], torch.tensor([100, 700]), x["hidden"], added_cond_kwargs=added).sample
+    return [pred, text_encoder(x["ids"])[0], text_encoder_2(x["ids"])[0]]
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    stack = run.module.stack
+    return outputs(stack.unet, stack.text_encoder, stack.text_encoder_2)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_xl_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)
+    return outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+
+
+def assert_reproduces(got: list[torch.Tensor], want: list[torch.Tensor], base: list[torch.Tensor]) -> None:
+    for g, w, b in zip(got, want, base):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert (g - b).abs().max() > 1e-4, "the export has no effect"
+
+
+def test_run_writes_every_export_and_a_sample(run) -> None:
+    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    assert [e["format"] for e in manifest["exports"]] == FORMATS
+    assert sorted(p.name for p in (run.run_dir / "lora" / "peft").iterdir()) == [
+        "text_encoder",
+        "text_encoder_2",
+        "unet",
+    ]
+    assert list((run.run_dir / "samples").glob("step_*.png"))
+
+
+@pytest.mark.parametrize("path", ["lora/pytorch_lora_weights.safetensors", "lora/kohya.safetensors"])
+def test_lora_files_load_with_diffusers_sdxl_loader(run, trained, base, tiny_xl_dir, path) -> None:
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)
+    with loader_messages() as messages:
+        pipe.load_lora_weights(str(run.run_dir / path))
+    failures = [m for m in messages if any(f in m.lower() for f in LOADER_FAILURES)]
+    assert not failures, failures
+    assert_reproduces(outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2), trained, base)
+
+
+def test_kohya_file_uses_sgm_names_and_sdxl_metadata(run, tiny_xl_dir) -> None:
+    with safe_open(str(run.run_dir / "lora" / "kohya.safetensors"), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    prefixes = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+    unet_keys = [k for k in keys if k.startswith("lora_unet_")]
+    assert unet_keys and all(k.startswith(prefixes) for k in unet_keys)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert any(k.startswith("lora_unet_output_blocks_0_0_in_layers_2.") for k in keys)  # conv1 of a resnet
+    for prefix in ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_"):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert set(k.split("_", 2)[1] for k in keys) == {"unet", "te1", "te2"}
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    # diffusers' own sgm → diffusers mapping gives back exactly the trained modules
+    unet = UNet2DConditionModel.from_pretrained(tiny_xl_dir, subfolder="unet")
+    state, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+        str(run.run_dir / "lora" / "kohya.safetensors"), unet_config=unet.config
+    )
+    assert not any("input_blocks" in k or "output_blocks" in k for k in state)
+
+
+def test_sgm_names_follow_the_unet_config() -> None:
+    layout = SimpleNamespace(layers_per_block=2, up_block_types=UNET_XL_CONFIG["up_block_types"])
+    block = "transformer_blocks.0.attn1.to_q"
+    assert sgm_unet_path(f"down_blocks.1.attentions.0.{block}", layout) == f"input_blocks.4.1.{block}"
+    assert sgm_unet_path(f"down_blocks.2.attentions.1.{block}", layout) == f"input_blocks.8.1.{block}"
+    assert sgm_unet_path(f"mid_block.attentions.0.{block}", layout) == f"middle_block.1.{block}"
+    assert sgm_unet_path("mid_block.resnets.1.conv2", layout) == "middle_block.2.out_layers.3"
+    assert sgm_unet_path(f"up_blocks.1.attentions.2.{block}", layout) == f"output_blocks.5.1.{block}"
+    assert sgm_unet_path("down_blocks.0.downsamplers.0.conv", layout) == "input_blocks.3.0.op"
+    assert sgm_unet_path("up_blocks.0.upsamplers.0.conv", layout) == "output_blocks.2.2.conv"
+    assert (
+        sgm_unet_path("down_blocks.1.resnets.0.conv_shortcut", layout) == "input_blocks.4.0.skip_connection"
+    )
+    layout.layers_per_block = 1
+    assert sgm_unet_path(f"down_blocks.1.attentions.0.{block}", layout) == f"input_blocks.3.1.{block}"
+
+
+def test_sample_from_an_sdxl_run(run, tmp_path: Path) -> None:
+    out = tmp_path / "xl.png"
+    cfg = compose_config("sample", [f"source={run.run_dir}", "prompt=a red circle", "steps=2", f"out={out}"])
+    assert sample(cfg) == [out]
+    image = np.asarray(Image.open(out))
+    assert image.shape == (64, 64, 3) and image.std() > 0
+
+
+# ---- micro-conditioning ----------------------------------------------------------------------------------
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_random_crop_is_recorded_where_it_was_taken() -> None:
+    image = _image(64, 160)  # portrait: resized to 64 wide (no change), cropped at a random height
+    transform = ImageTransform(64, center_crop=False)
+    pixels, placed = transform.placed(image, torch.Generator().manual_seed(3))
+    top, left = placed["crop_top_left"].tolist()
+    assert left == 0 and 0 < top <= 96
+    expected = np.asarray(image.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 127.5 - 1
+    torch.testing.assert_close(pixels, torch.from_numpy(expected).permute(2, 0, 1))
+    assert placed["original_size"].tolist() == [160, 64] and placed["target_size"].tolist() == [64, 64]
+    bucket_pixels, bucket_placed = fit_image_placed(
+        image, (64, 64), False, False, torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(bucket_pixels, pixels)
+    assert all(torch.equal(bucket_placed[k], placed[k]) for k in placed)
+
+
+def test_time_ids_reaching_the_unet_match_the_applied_crop(tmp_path: Path, cache_dir, monkeypatch) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    _image(96, 64, seed=1).save(data / "wide.png")  # centre crop: 16 px off the left
+    _image(64, 80, seed=2).save(data / "tall.png")  # centre crop: 8 px off the top
+    for name in ("wide", "tall"):
+        (data / f"{name}.txt").write_text(f"a {name} picture")
+    seen: list[torch.Tensor] = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, *args, added_cond_kwargs=None, **kwargs):
+        seen.append(added_cond_kwargs["time_ids"].detach().clone())
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "data=captions",
+            f"data.root={data}",
+            "data.random_flip=false",
+            "data.num_workers=0",
+            "trainer.max_steps=1",
+            "sampling.prompts=[]",
+            "export.formats=[]",
+        ],
+        tmp_path / "run",
+    )
+    train(cfg)
+    rows = sorted(map(tuple, seen[0].tolist()))
+    assert rows == [(64.0, 96.0, 0.0, 16.0, 64.0, 64.0), (80.0, 64.0, 8.0, 0.0, 64.0, 64.0)]
