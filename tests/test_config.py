@@ -33,15 +33,18 @@ def test_every_experiment_composes_and_validates(train_cfg, experiment: str) -> 
     validate(cfg)
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if m != "sdxl"])
+@pytest.mark.parametrize("model", MODELS)
 def test_model_configs_compose(train_cfg, model: str) -> None:
     cfg = train_cfg(f"model={model}")
     assert cfg.data.resolution == cfg.model.resolution
 
 
-def test_sdxl_is_refused_clearly(train_cfg) -> None:
-    with pytest.raises(ConfigError, match="SDXL is not supported yet"):
-        validate(train_cfg("model=sdxl"))
+@pytest.mark.parametrize("model", ["sdxl", "tiny_xl"])
+def test_sdxl_validates_and_refuses_what_it_lacks_clearly(train_cfg, model: str) -> None:
+    validate(train_cfg(f"model={model}", "export.formats=[diffusers,kohya,peft,merged]"))
+    with pytest.raises(ConfigError) as info:
+        validate(train_cfg(f"model={model}", "data.cache_latents=true", "export.formats=[single_file]"))
+    assert "data.cache_latents" in str(info.value) and "single_file export for SDXL" in str(info.value)
 
 
 def test_bad_values_are_all_reported_at_once(train_cfg, tmp_path: Path) -> None:

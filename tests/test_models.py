@@ -65,6 +65,8 @@ def test_uncached_hub_id_offline_fails_fast_with_advice(cache_dir: Path, monkeyp
         load_stack(model_cfg("sdtune-tests/not-a-real-model"), cache_dir)
 
 
-def test_sdxl_is_refused(cache_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="SDXL is not supported yet"):
-        load_stack(model_cfg(None, family="sdxl"), cache_dir)
+def test_sdxl_family_loads_the_tiny_sdxl_stack(cache_dir: Path) -> None:
+    stack = load_stack(model_cfg(None, family="sdxl"), cache_dir)
+    assert type(stack.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert stack.tokenizer_2 is not None and len(stack.text_encoders) == 2
+    assert stack.unet.config.addition_embed_type == "text_time"
