@@ -6,6 +6,7 @@ Runs with extra conditions take them as files: `map=…` (semantic map), `image=
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,10 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
         if lora is None and pipeline is not None:  # a full fine-tune or a widened U-Net: its own pipeline
             model = OmegaConf.merge(model, {"pretrained": str(pipeline.resolve()), "config": None})
         return model, run_cfg.conditioning, lora, embedding, run_cfg.data.resolution
-    pretrained = None if cfg.source == "tiny" else str(cfg.source)
+    pretrained = None if cfg.source in ("tiny", "tiny_xl") else str(cfg.source)
     model = OmegaConf.create(
         {
-            "family": "sd1",
+            "family": source_family(cfg),
             "pretrained": pretrained,
             "config": cfg.model_config,
             "revision": None,
@@ -48,7 +49,21 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
     text = OmegaConf.create(
         {"text": {"_target_": "sdtune.conditioning.text.TextConditioner", "dropout": 0.0}}
     )
-    return model, text, cfg.lora, cfg.embedding, 64 if pretrained is None else 512
+    native = 64 if pretrained is None else (1024 if model.family == "sdxl" else 512)
+    return model, text, cfg.lora, cfg.embedding, native
+
+
+def source_family(cfg: DictConfig) -> str:
+    """The family of a base-model source: `cfg.family` if set, `sdxl` for tiny_xl or a folder holding an
+    SDXL pipeline (its `model_index.json`), else sd1 (SD2 models sample the same way)."""
+    if cfg.get("family"):
+        return str(cfg.family)
+    if cfg.source == "tiny_xl":
+        return "sdxl"
+    index = Path(str(cfg.source)).expanduser() / "model_index.json"
+    if index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", ""):
+        return "sdxl"
+    return "sd1"
 
 
 def check(cfg: DictConfig) -> None:

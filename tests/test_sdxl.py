@@ -229,3 +229,13 @@ def test_time_ids_reaching_the_unet_match_the_applied_crop(tmp_path: Path, cache
     train(cfg)
     rows = sorted(map(tuple, seen[0].tolist()))
     assert rows == [(64.0, 96.0, 0.0, 16.0, 64.0, 64.0), (80.0, 64.0, 8.0, 0.0, 64.0, 64.0)]
+
+
+def test_sample_from_the_tiny_xl_base_with_a_kohya_lora(run, tmp_path: Path) -> None:
+    out = tmp_path / "base.png"
+    lora = run.run_dir / "lora" / "kohya.safetensors"
+    cfg = compose_config(
+        "sample", ["source=tiny_xl", f"lora={lora}", "prompt=a star", "steps=2", f"out={out}"]
+    )
+    assert sample(cfg) == [out]
+    assert np.asarray(Image.open(out)).shape == (64, 64, 3)
