@@ -239,3 +239,45 @@ def test_sample_from_the_tiny_xl_base_with_a_kohya_lora(run, tmp_path: Path) -> 
     )
     assert sample(cfg) == [out]
     assert np.asarray(Image.open(out)).shape == (64, 64, 3)
+
+
+def test_sampler_matches_the_diffusers_sdxl_pipeline(cache_dir, tiny_xl_dir) -> None:
+    from omegaconf import OmegaConf
+
+    from sdtune.conditioning import build_conditioning
+    from sdtune.models import load_stack
+    from sdtune.sampling import generate, make_scheduler
+
+    model = OmegaConf.create({"family": "sdxl", "pretrained": None, "config": None})
+    stack = load_stack(model, cache_dir)
+    text = OmegaConf.create(
+        {"text": {"_target_": "sdtune.conditioning.text.TextConditioner", "dropout": 0.0}}
+    )
+    conditioning = build_conditioning(text, stack)
+    batch = {"caption": ["a red circle"], "negative_caption": [""]}
+    ours = generate(
+        stack.unet,
+        stack.vae,
+        conditioning,
+        batch,
+        scheduler=make_scheduler("euler", stack.scheduler_config),
+        steps=3,
+        guidance=5.0,
+        seed=7,
+        height=64,
+        width=64,
+    )
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)
+    pipe.scheduler = make_scheduler("euler", stack.scheduler_config)
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    theirs = pipe(
+        "a red circle",
+        negative_prompt="",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        latents=latents,
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
