@@ -334,9 +334,5 @@ def _check_export(cfg: DictConfig, report: Report) -> None:
             f"export.formats: {lora_only} export a LoRA, but method={cfg.method.name} trains no adapter; "
             "use merged or single_file"
         )
-    if cfg.model.family == "sdxl" and "single_file" in formats:
-        report(
-            "export.formats: single_file export for SDXL is not supported yet; use merged (diffusers folder)"
-        )
     if cfg.model.family == "sdxl" and cfg.method.get("variant", "lora") != "lora" and "kohya" in formats:
         report("export.formats: kohya export of SDXL supports plain LoRA only (method.variant=lora)")

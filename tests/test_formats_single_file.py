@@ -316,8 +316,8 @@ def test_real_size_vae_and_text_encoders_read_back_by_diffusers() -> None:
 
 def test_refuses_what_it_cannot_write() -> None:
     pipe = build_tiny_pipeline()
-    with pytest.raises(ValueError, match="SDXL"):
-        unet_to_ldm(pipe.unet.state_dict(), {**pipe.unet.config, "addition_embed_type": "text_time"})
+    with pytest.raises(ValueError, match="SDXL's text_time"):
+        unet_to_ldm(pipe.unet.state_dict(), {**pipe.unet.config, "addition_embed_type": "text"})
     with pytest.raises(ValueError, match="no original-layout name"):
         unet_to_ldm(
             {**pipe.unet.state_dict(), "add_embedding.linear_1.weight": torch.zeros(1)}, pipe.unet.config

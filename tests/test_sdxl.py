@@ -18,14 +18,14 @@ from safetensors import safe_open
 from sdtune.data.buckets import fit_image_placed
 from sdtune.data.transforms import ImageTransform
 from sdtune.formats.kohya import sgm_unet_path
-from sdtune.models.tiny_xl import UNET_XL_CONFIG, ensure_tiny_xl_pipeline
+from sdtune.models.tiny_xl import POOLED_DIM, UNET_XL_CONFIG, ensure_tiny_xl_pipeline
 from sdtune.sample import sample
 from sdtune.train import train
 
 from .conftest import compose_config
 from .test_formats_kohya import LOADER_FAILURES, loader_messages
 
-FORMATS = ["diffusers", "kohya", "peft", "merged"]
+FORMATS = ["diffusers", "kohya", "peft", "merged", "single_file"]
 UNET_TARGETS = "[to_q,to_k,to_v,to_out.0,proj_in,ff.net.2,conv1]"
 FAST = [
     "+experiment=lora",
@@ -72,7 +72,7 @@ def fixed_inputs(unet, text_encoder) -> dict[str, torch.Tensor]:
         "latents": torch.randn(2, 4, 8, 8, generator=generator),
         "ids": torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=generator),
         "hidden": torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator),
-        "pooled": torch.randn(2, 32, generator=generator),
+        "pooled": torch.randn(2, POOLED_DIM, generator=generator),
         "time_ids": torch.tensor([[96.0, 64, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]]),
     }
 
@@ -281,3 +281,24 @@ def test_sampler_matches_the_diffusers_sdxl_pipeline(cache_dir, tiny_xl_dir) -> 
         output_type="pt",
     ).images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_and_single_file_exports_reproduce_the_model(
+    run, trained, base, tiny_xl_dir, cache_dir
+) -> None:
+    from omegaconf import OmegaConf
+
+    from sdtune.models import load_stack
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(run.run_dir / "pipeline")
+    assert_reproduces(outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2), trained, base)
+    single = {
+        "family": "sdxl",
+        "pretrained": str(run.run_dir / "model.safetensors"),
+        "config": str(tiny_xl_dir),
+    }
+    with loader_messages() as messages:
+        stack = load_stack(OmegaConf.create(single), cache_dir)
+    assert not [m for m in messages if "unexpected" in m.lower() or "missing" in m.lower()], messages
+    got = outputs(stack.unet, stack.text_encoder, stack.text_encoder_2)
+    assert_reproduces(got, trained, base)

@@ -281,10 +281,6 @@ def export_single_file(ctx: ExportContext, out: Path) -> Path:
     """One original-layout `.safetensors` checkpoint (A1111/ComfyUI), LoRA merged."""
     from sdtune.formats.single_file import save_single_file
 
-    if ctx.family == "sdxl":
-        raise ExportError(
-            "single-file export for SDXL is not supported yet; use format=merged (a diffusers folder)"
-        )
     if ctx.widened_input:
         raise ExportError(
             f"single-file export of a U-Net with {ctx.unet.config.in_channels} input channels (concat "
@@ -297,7 +293,16 @@ def export_single_file(ctx: ExportContext, out: Path) -> Path:
         "modelspec.prediction_type": "v" if ctx.prediction_type == "v_prediction" else "epsilon",
         "sdtune": json.dumps({"resolution": ctx.resolution}),
     }
-    return save_single_file(Path(out), unet, ctx.vae, text_encoder, metadata=metadata, family=ctx.family)
+    text_encoder_2 = _merged(ctx.text_encoder_2) if ctx.text_encoder_2 is not None else None
+    return save_single_file(
+        Path(out),
+        unet,
+        ctx.vae,
+        text_encoder,
+        metadata=metadata,
+        family=ctx.family,
+        text_encoder_2=text_encoder_2,
+    )
 
 
 def _require_embeddings(ctx: ExportContext, fmt: str) -> None:

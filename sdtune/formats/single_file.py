@@ -1,13 +1,16 @@
-"""A diffusers SD1.x/SD2.x pipeline as one checkpoint in the original (CompVis/ldm) layout.
+"""A diffusers SD1.x/SD2.x/SDXL pipeline as one checkpoint in the original (CompVis/ldm, or sgm) layout.
 
 This is the file A1111 and ComfyUI load as a "checkpoint" and diffusers reads with
 `StableDiffusionPipeline.from_single_file`. It holds the U-Net under `model.diffusion_model.`, the VAE under
 `first_stage_model.` and the text encoder under `cond_stage_model.transformer.text_model.` (SD1.x, OpenAI
-CLIP) or `cond_stage_model.model.` (SD2.x, OpenCLIP).
+CLIP) or `cond_stage_model.model.` (SD2.x, OpenCLIP). SDXL (Stability's generative-models layout) has the same
+U-Net layout plus `label_emb` (the added-conditioning MLP) and its two text encoders under
+`conditioner.embedders.0.transformer.text_model.` (OpenAI CLIP) and `conditioner.embedders.1.model.`
+(OpenCLIP, with its `text_projection` stored as [width, projection], i.e. transposed).
 
 Every mapping is derived from the model's config (levels, layers per block, which levels have attention),
-so the same code writes the real SD1.5/SD2 models and the small test stacks. Each source tensor is written
-exactly once; a tensor the mapping does not know (a LoRA layer, an SDXL embedding) raises, never vanishes.
+so the same code writes the real models and the small test stacks. Each source tensor is written exactly
+once; a tensor the mapping does not know (a LoRA layer, an unknown embedding) raises, never vanishes.
 
 SD2.x text encoders: diffusers keeps 23 of OpenCLIP ViT-H's 24 blocks (SD2 conditions on the penultimate
 block) and has no `text_projection`, so the file holds neither; loaders that read SD2 checkpoints load it
@@ -30,7 +33,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
-FAMILIES = ("sd1", "sd2")
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -93,9 +98,9 @@ def _has_attention(block_type: str, known: Mapping[str, bool]) -> bool:
 
 
 def _check_unet_config(config: Mapping[str, Any]) -> None:
-    """Refuse U-Nets whose original layout this module does not write (SDXL, upscalers, other mid blocks)."""
-    if config.get("addition_embed_type") is not None:
-        raise ValueError("single-file export for SDXL is not supported yet; use format=merged")
+    """Refuse U-Nets whose original layout this module does not write (upscalers, other mid blocks)."""
+    if config.get("addition_embed_type") not in (None, "text_time"):
+        raise ValueError("single-file export: only SDXL's text_time added conditioning is supported")
     if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
         raise ValueError("single-file export: U-Nets with class embeddings (x4 upscaler) are not supported")
     if config.get("mid_block_type", _UNET_MID_TYPE) != _UNET_MID_TYPE:
@@ -117,6 +122,9 @@ def _unet_targets(config: Mapping[str, Any]) -> dict[str, _Target]:
         "conv_norm_out": _Target("out.0"),
         "conv_out": _Target("out.2"),
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL
+        targets["add_embedding.linear_1"] = _Target("label_emb.0.0")
+        targets["add_embedding.linear_2"] = _Target("label_emb.0.2")
     down_types, up_types = config["down_block_types"], config["up_block_types"]
     levels = len(down_types)
     layers = _per_level(config["layers_per_block"], levels)
@@ -250,39 +258,59 @@ def text_encoder_to_ldm(te_state_dict: Mapping[str, torch.Tensor], family: str =
 
     Accepts both the flattened (transformers >= 5.6) and the `text_model.`-wrapped key forms.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"single-file export: family={family!r} is not one of {', '.join(FAMILIES)}")
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"single-file export: family={family!r} is not one of sd1, sd2 (SDXL: sdxl_text_*)")
+    flat = _flat_text_encoder(te_state_dict)
+    return _clip_to_ldm(flat) if family == "sd1" else _open_clip_to_ldm(flat)
+
+
+def sdxl_text_encoders_to_ldm(
+    te_state_dict: Mapping[str, torch.Tensor], te_2_state_dict: Mapping[str, torch.Tensor]
+) -> StateDict:
+    """SDXL's `CLIPTextModel` and `CLIPTextModelWithProjection` in the generative-models layout."""
+    second = _flat_text_encoder(te_2_state_dict)
+    projection = second.pop("text_projection.weight", None)
+    if projection is None:
+        raise ValueError("single-file export: SDXL's second text encoder has no text_projection")
+    out = _clip_to_ldm(_flat_text_encoder(te_state_dict), SDXL_CLIP_PREFIX)
+    out.update(_open_clip_to_ldm(second, SDXL_OPEN_CLIP_PREFIX))
+    out[SDXL_OPEN_CLIP_PREFIX + "text_projection"] = projection.T.contiguous()
+    return out
+
+
+def _flat_text_encoder(te_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """The text encoder's tensors without the `text_model.` level (plain weights only)."""
     _check_plain(te_state_dict, "text encoder")
     flat = {key.removeprefix("text_model."): tensor for key, tensor in te_state_dict.items()}
     if len(flat) != len(te_state_dict):
         raise ValueError("single-file export: text encoder has keys both with and without `text_model.`")
-    return _clip_to_ldm(flat) if family == "sd1" else _open_clip_to_ldm(flat)
+    return flat
 
 
-def _clip_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """SD1.x: HF CLIP names under `cond_stage_model.transformer.text_model.` (loaders need `text_model.`)."""
+def _clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> StateDict:
+    """OpenAI CLIP: HF names under `prefix` (SD1.x: `cond_stage_model.transformer.text_model.`)."""
     unknown = [key for key in state_dict if not key.startswith(_CLIP_ROOTS)]
     if unknown:
         raise ValueError(f"single-file export: text encoder tensor(s) {unknown[:5]} are not CLIP weights")
-    return {CLIP_PREFIX + key: tensor for key, tensor in state_dict.items()}
+    return {prefix + key: tensor for key, tensor in state_dict.items()}
 
 
-def _open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """SD2.x: OpenCLIP names under `cond_stage_model.model.`, q/k/v fused (in that order) into `in_proj_*`."""
+def _open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX) -> StateDict:
+    """OpenCLIP names under `prefix` (SD2.x: `cond_stage_model.model.`), q/k/v fused into `in_proj_*`."""
     out: StateDict = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unmapped = []
     for key, tensor in state_dict.items():
         match = _CLIP_LAYER_KEY.match(key)
         if key in _OPEN_CLIP_TOP:
-            _put(out, OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[key], tensor, key)
+            _put(out, prefix + _OPEN_CLIP_TOP[key], tensor, key)
         elif match is None:
             unmapped.append(key)
         elif match[2] in _QKV:
             qkv.setdefault((match[1], match[3]), {})[match[2]] = tensor
         elif match[2] in _OPEN_CLIP_LAYER:
             ldm_key = f"transformer.resblocks.{match[1]}.{_OPEN_CLIP_LAYER[match[2]]}.{match[3]}"
-            _put(out, OPEN_CLIP_PREFIX + ldm_key, tensor, key)
+            _put(out, prefix + ldm_key, tensor, key)
         else:
             unmapped.append(key)
     for (layer, param), parts in qkv.items():
@@ -290,7 +318,7 @@ def _open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             unmapped.extend(f"encoder.layers.{layer}.{name}.{param}" for name in parts)
             continue
         fused = torch.cat([parts[name] for name in _QKV], dim=0)
-        _put(out, f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{param}", fused, "q/k/v")
+        _put(out, f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}", fused, "q/k/v")
     if unmapped:
         raise ValueError(f"single-file export: text encoder tensor(s) {unmapped[:5]} have no OpenCLIP name")
     return out
@@ -316,17 +344,25 @@ def save_single_file(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
     family: str | None = None,
+    text_encoder_2: Any = None,
 ) -> Path:
     """Write `unet`, `vae` and `text_encoder` as one original-layout `.safetensors` checkpoint, atomically.
 
-    `family` ("sd1"/"sd2") picks the text-encoder layout; by default it is inferred from the text encoder.
-    `dtype` casts floating tensors (e.g. torch.float16 for a half-size file). Returns `path`.
+    `family` ("sd1"/"sd2"/"sdxl") picks the text-encoder layout; by default it is inferred from the text
+    encoder(s) (SDXL when `text_encoder_2` is given). `dtype` casts floating tensors (e.g. torch.float16 for
+    a half-size file). Returns `path`.
     """
-    family = family or infer_family(text_encoder)
+    family = family or ("sdxl" if text_encoder_2 is not None else infer_family(text_encoder))
+    if family == "sdxl":
+        if text_encoder_2 is None:
+            raise ValueError("single-file export: SDXL needs text_encoder_2")
+        text = sdxl_text_encoders_to_ldm(text_encoder.state_dict(), text_encoder_2.state_dict())
+    else:
+        text = text_encoder_to_ldm(text_encoder.state_dict(), family)
     tensors = {
         **unet_to_ldm(unet.state_dict(), unet.config),
         **vae_to_ldm(vae.state_dict(), vae.config),
-        **text_encoder_to_ldm(text_encoder.state_dict(), family),
+        **text,
     }
     tensors = {key: _prepare(tensor, dtype) for key, tensor in tensors.items()}
     path = Path(path)

@@ -2,10 +2,10 @@
 
 It has SDXL's U-Net layout (3 levels: a plain first level, then two cross-attention levels with more
 transformer layers deeper down, 2 layers per block; `text_time` micro-conditioning), two CLIP text encoders
-(the second with a projection giving the pooled embedding), and the tiny SD VAE (8x downsampling). So the SDXL
-code paths (two encoders, pooled embeddings, time ids, sgm-style kohya names) all run on it unchanged. Both
-tokenizers are the shipped tiny vocabulary. It is materialised once as a diffusers pipeline folder in the
-cache.
+(the second wider, with GELU and a projection giving the pooled embedding), and the tiny SD VAE (8x
+downsampling). So the SDXL code paths (two encoders, pooled embeddings, time ids, sgm-style kohya names, the
+single-file layout) all run on it unchanged. Both tokenizers are the shipped tiny vocabulary. It is
+materialised once as a diffusers pipeline folder in the cache.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from sdtune.io import build_once
 from sdtune.models.tiny import MAX_TOKENS, SCHEDULER_CONFIG, TOKENIZER_DIR, VAE_CONFIG
 
 TINY_XL_VERSION = 1
-TEXT_HIDDEN = 32  # each encoder; the U-Net's cross-attention width is their sum
+# Encoder widths differ, as in SDXL (768 / 1280): single-file loaders tell the two encoders apart by width.
+TEXT_HIDDEN, TEXT_HIDDEN_2 = 32, 48  # the U-Net's cross-attention width is their sum
 POOLED_DIM = 32  # text_encoder_2's projection: the pooled text embedding
 TIME_EMBED_DIM = 8  # per micro-conditioning number; six of them (original, crop, target)
 
@@ -36,7 +37,7 @@ UNET_XL_CONFIG: dict[str, Any] = {
     "transformer_layers_per_block": [1, 1, 2],
     "attention_head_dim": [2, 4, 8],
     "use_linear_projection": True,
-    "cross_attention_dim": 2 * TEXT_HIDDEN,
+    "cross_attention_dim": TEXT_HIDDEN + TEXT_HIDDEN_2,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": TIME_EMBED_DIM,
     "projection_class_embeddings_input_dim": 6 * TIME_EMBED_DIM + POOLED_DIM,
@@ -56,7 +57,8 @@ TEXT_XL_CONFIG: dict[str, Any] = {
 def tiny_xl_key() -> str:
     """Identity of the tiny SDXL stack: changes whenever its architecture, seed or vocabulary changes."""
     blob = json.dumps(
-        [TINY_XL_VERSION, UNET_XL_CONFIG, VAE_XL_CONFIG, TEXT_XL_CONFIG, SCHEDULER_CONFIG], sort_keys=True
+        [TINY_XL_VERSION, UNET_XL_CONFIG, VAE_XL_CONFIG, TEXT_XL_CONFIG, TEXT_HIDDEN_2, SCHEDULER_CONFIG],
+        sort_keys=True,
     )
     digest = hashlib.sha256(blob.encode())
     for name in ("vocab.json", "merges.txt"):
@@ -81,13 +83,15 @@ def build_tiny_xl_pipeline():  # -> StableDiffusionXLPipeline (imported lazily: 
     tokenizer = CLIPTokenizer(
         str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=MAX_TOKENS
     )
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TEXT_XL_CONFIG,
-    )
+    special = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text_config = CLIPTextConfig(**TEXT_XL_CONFIG, **special)
+    wider = {"hidden_size": TEXT_HIDDEN_2, "intermediate_size": 4 * TEXT_HIDDEN_2, "hidden_act": "gelu"}
+    text_config_2 = CLIPTextConfig(**{**TEXT_XL_CONFIG, **wider}, **special)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**UNET_XL_CONFIG)
@@ -96,7 +100,7 @@ def build_tiny_xl_pipeline():  # -> StableDiffusionXLPipeline (imported lazily: 
         torch.manual_seed(2)
         text_encoder = CLIPTextModel(text_config)
         torch.manual_seed(3)
-        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
