@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtune.benchmark import WORKLOADS, Spec, ensure_data, ensure_model, run_side, summarise
+from sdtune.benchmark import SDXL_UNSUPPORTED, WORKLOADS, Spec, ensure_data, ensure_model, run_side, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,5 +59,5 @@ def test_cli_prints_json_and_refuses_what_cannot_run(cache_dir: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
-    assert result["error"] == "SDXL is not supported by sdtune yet"
+    assert result["error"] == SDXL_UNSUPPORTED
     assert result["workload"]["resolution"] == 1024
