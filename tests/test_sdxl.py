@@ -197,7 +197,10 @@ def test_random_crop_is_recorded_where_it_was_taken() -> None:
     assert all(torch.equal(bucket_placed[k], placed[k]) for k in placed)
 
 
-def test_time_ids_reaching_the_unet_match_the_applied_crop(tmp_path: Path, cache_dir, monkeypatch) -> None:
+@pytest.mark.parametrize("bucketing", [False, True])
+def test_time_ids_reaching_the_unet_match_the_applied_crop(
+    tmp_path: Path, cache_dir, monkeypatch, bucketing: bool
+) -> None:
     data = tmp_path / "data"
     data.mkdir()
     _image(96, 64, seed=1).save(data / "wide.png")  # centre crop: 16 px off the left
@@ -223,12 +226,22 @@ def test_time_ids_reaching_the_unet_match_the_applied_crop(tmp_path: Path, cache
             "trainer.max_steps=1",
             "sampling.prompts=[]",
             "export.formats=[]",
+            f"data.bucketing={str(bucketing).lower()}",
         ],
         tmp_path / "run",
     )
     train(cfg)
     rows = sorted(map(tuple, seen[0].tolist()))
-    assert rows == [(64.0, 96.0, 0.0, 16.0, 64.0, 64.0), (80.0, 64.0, 8.0, 0.0, 64.0, 64.0)]
+    if not bucketing:
+        assert rows == [(64.0, 96.0, 0.0, 16.0, 64.0, 64.0), (80.0, 64.0, 8.0, 0.0, 64.0, 64.0)]
+        return
+    (height, width), *others = {row[4:] for row in rows}  # one bucket per batch
+    assert not others and height * width <= 64 * 64 and (height, width) != (64, 64)
+    for (h, w), row in zip([(64, 96), (80, 64)], rows):
+        scale = max(width / w, height / h)  # cover the bucket, then centre-crop
+        covered = (max(height, round(h * scale)), max(width, round(w * scale)))
+        crop = ((covered[0] - height) // 2, (covered[1] - width) // 2)
+        assert row == (h, w, *crop, height, width)
 
 
 def test_sample_from_the_tiny_xl_base_with_a_kohya_lora(run, tmp_path: Path) -> None:
@@ -302,3 +315,41 @@ def test_merged_and_single_file_exports_reproduce_the_model(
     assert not [m for m in messages if "unexpected" in m.lower() or "missing" in m.lower()], messages
     got = outputs(stack.unet, stack.text_encoder, stack.text_encoder_2)
     assert_reproduces(got, trained, base)
+
+
+def test_export_entry_point_rewrites_the_kohya_file_from_the_checkpoint(run, tmp_path: Path) -> None:
+    from sdtune.export import export
+
+    out = tmp_path / "again.safetensors"
+    export(compose_config("export", [f"source={run.run_dir}", "format=kohya", f"out={out}"]))
+    with (
+        safe_open(str(out), "pt") as again,
+        safe_open(str(run.run_dir / "lora" / "kohya.safetensors"), "pt") as f,
+    ):
+        assert sorted(again.keys()) == sorted(f.keys())
+        for key in f.keys():
+            torch.testing.assert_close(again.get_tensor(key), f.get_tensor(key))
+
+
+def test_full_fine_tuning_trains_both_text_encoders(tmp_path: Path, cache_dir, tiny_xl_dir) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "method=full",
+            "method.train_text_encoder=true",
+            "method.lr=1e-3",
+            "method.ema=null",
+            "trainer.max_steps=1",
+            "data.num_images=2",
+            "sampling.prompts=[]",
+            "export.formats=[pipeline]",
+        ],
+        tmp_path / "run",
+    )
+    result = train(cfg)
+    pipe = StableDiffusionXLPipeline.from_pretrained(result.run_dir / "pipeline")
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        trained, original = getattr(pipe, part).state_dict(), getattr(base, part).state_dict()
+        assert any(not torch.equal(trained[k], original[k]) for k in original), part
