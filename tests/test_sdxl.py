@@ -353,3 +353,29 @@ def test_full_fine_tuning_trains_both_text_encoders(tmp_path: Path, cache_dir, t
     for part in ("unet", "text_encoder", "text_encoder_2"):
         trained, original = getattr(pipe, part).state_dict(), getattr(base, part).state_dict()
         assert any(not torch.equal(trained[k], original[k]) for k in original), part
+
+
+def test_caption_dropout_gives_the_empty_caption_of_both_encoders(cache_dir) -> None:
+    from omegaconf import OmegaConf
+
+    from sdtune.conditioning.text import TextConditioner
+    from sdtune.models import load_stack
+
+    stack = load_stack(OmegaConf.create({"family": "sdxl", "pretrained": None, "config": None}), cache_dir)
+    conditioner = TextConditioner(stack)
+    batch = {
+        "caption": ["a red circle", "a blue square"],
+        "original_size": torch.tensor([[96, 64], [64, 64]]),
+        "crop_top_left": torch.tensor([[16, 0], [0, 0]]),
+        "target_size": torch.tensor([[64, 64], [64, 64]]),
+    }
+    with torch.no_grad():
+        tokens, added = conditioner(batch, torch.tensor([True, False]))
+        empty_tokens, empty_pooled = conditioner.encode_xl([""])
+        kept_tokens, kept_pooled = conditioner.encode_xl(["a blue square"])
+    assert tokens.shape[-1] == stack.unet.config.cross_attention_dim
+    torch.testing.assert_close(tokens[:1], empty_tokens)
+    torch.testing.assert_close(added["text_embeds"][:1], empty_pooled)
+    torch.testing.assert_close(tokens[1:], kept_tokens)
+    torch.testing.assert_close(added["text_embeds"][1:], kept_pooled)
+    assert added["time_ids"].tolist() == [[96, 64, 16, 0, 64, 64], [64, 64, 0, 0, 64, 64]]
