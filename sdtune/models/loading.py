@@ -66,7 +66,8 @@ def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
     if kind == "tiny":
         from sdtune.models.tiny import ensure_tiny_pipeline
 
-        pipe, base = _from_pretrained(str(ensure_tiny_pipeline(cache_dir)), model, local=True)
+        folder = ensure_tiny_pipeline(cache_dir, model.get("weights", "random"))
+        pipe, base = _from_pretrained(str(folder), model, local=True)
     elif kind == "local":
         pipe, base = _from_pretrained(str(Path(model.pretrained).expanduser().resolve()), model, local=True)
     elif kind == "hub":
