@@ -60,6 +60,10 @@ def validate(cfg: DictConfig) -> None:
     problems: list[str] = []
     from sdtune.distributed import check_distributed
 
+    missing = missing_keys(cfg)
+    if missing:  # the other checks would trip over them
+        raise ConfigError([f"{key}: required; set it on the command line ({key}=...)" for key in missing])
+
     checks = (
         _check_model,
         _check_method,
@@ -67,6 +71,7 @@ def validate(cfg: DictConfig) -> None:
         _check_trainer,
         _check_loss,
         _check_sampling,
+        _check_evaluation,
         _check_export,
         _check_conditioning,
         check_distributed,
@@ -87,10 +92,26 @@ def validate(cfg: DictConfig) -> None:
 Report = Callable[[str], None]
 
 
+def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys left at `???` (interpolations that point at them are not followed; hydra's own skipped)."""
+    found = []
+    for key in node:
+        name = f"{prefix}{key}"
+        if name == "hydra" or OmegaConf.is_interpolation(node, key):
+            continue
+        if OmegaConf.is_missing(node, key):
+            found.append(name)
+        elif isinstance(node[key], DictConfig):
+            found += missing_keys(node[key], f"{name}.")
+    return found
+
+
 def _check_model(cfg: DictConfig, report: Report) -> None:
     from sdtune.models.loading import FAMILIES, classify_source
 
     model = cfg.model
+    if model.get("weights") not in (None, "pretrained", "random"):
+        report(f"model.weights: {model.weights!r} is not one of pretrained, random")
     if model.family not in FAMILIES:
         report(f"model.family: {model.family!r} is not one of {', '.join(FAMILIES)}")
     elif model.family == "sdxl":
@@ -222,9 +243,41 @@ def _check_data(cfg: DictConfig, report: Report) -> None:
         report(f"data.root: folder {root!r} does not exist")
     if data.name == "dreambooth":
         _check_dreambooth(data, report)
+    if data.name == "shapes":
+        _check_shape_choices(data, "data", report)
     for name, component in (cfg.get("conditioning") or {}).items():
         if not 0 <= component.get("dropout", 0) <= 1:
             report(f"conditioning.{name}.dropout: must be in [0, 1], got {component.dropout}")
+
+
+def _check_shape_choices(section: DictConfig, key: str, report: Report) -> None:
+    """shapes / colours / backgrounds lists of the shapes world name only what it can draw."""
+    from sdtune.data.shapes import BACKGROUNDS, COLOURS, SHAPES
+
+    for field, known in (("shapes", SHAPES), ("colours", COLOURS), ("backgrounds", BACKGROUNDS)):
+        chosen = section.get(field)
+        if chosen is None:
+            continue
+        unknown = [name for name in chosen if name not in known]
+        if unknown or len(chosen) == 0:
+            report(f"{key}.{field}: {list(chosen)} must be a non-empty list from {list(known)} (or null = all)")
+
+
+def _check_evaluation(cfg: DictConfig, report: Report) -> None:
+    from sdtune.evaluation import check_prompts, prompts_from_config
+    from sdtune.sampling import SCHEDULERS
+
+    evaluation = cfg.get("evaluation")
+    if not evaluation or not evaluation.every_n_steps:
+        return
+    _check_shape_choices(evaluation, "evaluation", report)
+    if evaluation.scheduler not in SCHEDULERS:
+        report(f"evaluation.scheduler: unknown scheduler {evaluation.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    try:
+        for problem in check_prompts(prompts_from_config(evaluation)):
+            report(f"evaluation.{problem}")
+    except (KeyError, TypeError, ValueError) as error:
+        report(f"evaluation.prompts: cannot read the prompt set ({error})")
 
 
 def _check_dreambooth(data: DictConfig, report: Report) -> None:

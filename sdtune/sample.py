@@ -172,13 +172,10 @@ def load_lora(stack: Any, path: str) -> None:
     pipe.load_lora_weights(path)
 
 
-def sample(cfg: DictConfig) -> list[Path]:
-    """Generate the images `cfg` asks for and write them; returns their paths."""
+def load_source(cfg: DictConfig) -> tuple[Any, Any, int]:
+    """(stack, conditioning, native resolution) of `cfg.source` with its LoRA / embedding / conditioning weights."""
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
-    from sdtune.sampling import generate, make_scheduler, to_pil
-
-    check(cfg)
     from sdtune.models.textual_inversion import load_embedding
 
     model_cfg, cond_cfg, lora, embedding, native = source_configs(cfg)
@@ -189,6 +186,15 @@ def sample(cfg: DictConfig) -> list[Path]:
         load_embedding(stack, embedding, cfg.token)
     conditioning = build_conditioning(cond_cfg, stack)
     load_conditioning_weights(cfg, conditioning)
+    return stack, conditioning, native
+
+
+def sample(cfg: DictConfig) -> list[Path]:
+    """Generate the images `cfg` asks for and write them; returns their paths."""
+    from sdtune.sampling import generate, make_scheduler, to_pil
+
+    check(cfg)
+    stack, conditioning, native = load_source(cfg)
     prompts = [p for p in prompts_of(cfg) for _ in range(cfg.num_images)]
     seeds = [cfg.seed + i for _ in prompts_of(cfg) for i in range(cfg.num_images)]
     resolution = cfg.resolution or native

@@ -57,7 +57,6 @@ def train(cfg: DictConfig) -> Run:
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
     from sdtune.models.adapters import apply_method
-    from sdtune.module import DiffusionModule
     from sdtune.resume import dataset_change, read_checkpoint
     from sdtune.run import record_data
 
@@ -82,7 +81,7 @@ def train(cfg: DictConfig) -> Run:
     apply_method(stack, cfg.method)
     conditioning.train_widened_input(stack.unet)  # peft adapters freeze everything else they find
     perf.apply_runtime(stack, cfg.runtime)
-    module = DiffusionModule(stack, conditioning, cfg.method, cfg.loss)
+    module = build_module(stack, conditioning, cfg)
 
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -113,6 +112,17 @@ def train(cfg: DictConfig) -> Run:
         }
         finish(cfg, module, trainer, datamodule, run_dir, facts)
     return Run(run_dir, module, trainer)
+
+
+def build_module(stack: Any, conditioning: Any, cfg: DictConfig) -> pl.LightningModule:
+    """The LightningModule of the method: the autoencoder's (stage one) or the denoiser's (all others)."""
+    if cfg.method.name == "vae":
+        from sdtune.autoencoder import AutoencoderModule
+
+        return AutoencoderModule(stack, conditioning, cfg.method)
+    from sdtune.module import DiffusionModule
+
+    return DiffusionModule(stack, conditioning, cfg.method, cfg.loss)
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -28,8 +28,12 @@ def test_train_config_has_the_public_groups(train_cfg) -> None:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_validates(train_cfg, experiment: str) -> None:
-    cfg = train_cfg(f"+experiment={experiment}")
+def test_every_experiment_composes_and_validates(train_cfg, experiment: str, tmp_path: Path) -> None:
+    required = []
+    if experiment == "pretrain":  # stage two starts from a stage-one run directory
+        (tmp_path / "vae_run" / "pipeline").mkdir(parents=True)
+        required.append(f"vae_run={tmp_path / 'vae_run'}")
+    cfg = train_cfg(f"+experiment={experiment}", *required)
     validate(cfg)
 
 

@@ -214,11 +214,26 @@ class ImageCaptionDataModule(pl.LightningDataModule):
 class ShapesDataModule(ImageCaptionDataModule):
     """The embedded synthetic shapes world, generated once into the cache (or into `root` if given)."""
 
-    def __init__(self, num_images: int, seed: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_images: int,
+        seed: int,
+        shapes: list[str] | None = None,
+        colours: list[str] | None = None,
+        backgrounds: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from sdtune.data.shapes import BACKGROUNDS, COLOURS, SHAPES
+
         super().__init__(**kwargs)
         self.num_images = num_images
         self.seed = seed
         self.resolution = self.transform.resolution
+        self.choices = (
+            tuple(shapes or SHAPES),
+            tuple(colours or COLOURS),
+            tuple(backgrounds or BACKGROUNDS),
+        )
 
     def prepare_data(self) -> None:
         self._ensure()
@@ -233,4 +248,5 @@ class ShapesDataModule(ImageCaptionDataModule):
         if self.root is None:
             if self.cache_dir is None:
                 raise ValueError("ShapesDataModule needs cache_dir (paths.cache_dir) when data.root is null")
-            self.root = str(ensure_dataset(self.cache_dir, self.num_images, self.resolution, self.seed))
+            root = ensure_dataset(self.cache_dir, self.num_images, self.resolution, self.seed, *self.choices)
+            self.root = str(root)

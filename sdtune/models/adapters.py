@@ -86,6 +86,7 @@ METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
     "lora": apply_lora,
     "full": apply_full,
     "textual_inversion": apply_textual_inversion,
+    "vae": lambda stack, method: stack.vae.requires_grad_(True),  # autoencoder pretraining (stage one)
 }
 
 

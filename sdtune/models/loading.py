@@ -68,7 +68,7 @@ def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
 
     kind = classify_source(model.pretrained)
     if kind == "tiny":
-        pipe, base = _from_pretrained(str(_ensure_tiny(model.family, cache_dir)), model, local=True)
+        pipe, base = _from_pretrained(str(_ensure_tiny(model, cache_dir)), model, local=True)
     elif kind == "local":
         pipe, base = _from_pretrained(str(Path(model.pretrained).expanduser().resolve()), model, local=True)
     elif kind == "hub":
@@ -96,15 +96,20 @@ def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
     )
 
 
-def _ensure_tiny(family: str, cache_dir: Path) -> Path:
-    """The embedded tiny stack of `family` (SDXL's for sdxl, SD1.5's otherwise) as a diffusers folder."""
-    if family == "sdxl":
+def _ensure_tiny(model: DictConfig, cache_dir: Path) -> Path:
+    """The embedded tiny stack of `model.family` (SDXL's for sdxl, else SD1.5's) as a diffusers folder."""
+    weights = model.get("weights", "random")
+    if model.family == "sdxl":
+        if weights != "random":
+            raise ConfigError(
+                ["model.weights: no pretrained tiny SDXL stack is shipped; use model.weights=random"]
+            )
         from sdtune.models.tiny_xl import ensure_tiny_xl_pipeline
 
         return ensure_tiny_xl_pipeline(cache_dir)
     from sdtune.models.tiny import ensure_tiny_pipeline
 
-    return ensure_tiny_pipeline(cache_dir)
+    return ensure_tiny_pipeline(cache_dir, weights)
 
 
 def pipeline_class(family: str) -> Any:

@@ -17,6 +17,10 @@ import torch
 from sdtune.io import build_once
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+PRETRAINED_DIR = Path(__file__).parent / "assets" / "tiny_pretrained"
+"""Shipped weights of the tiny stack pretrained on the shapes world (README: "The pretrained tiny base")."""
+WEIGHTS = ("pretrained", "random")
+COMPONENTS = ("unet", "vae", "text_encoder")
 TINY_VERSION = 1
 MAX_TOKENS = 77
 
@@ -63,27 +67,65 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def tiny_key() -> str:
-    """Identity of the tiny stack: changes whenever its architecture, seed or vocabulary changes."""
+def tiny_key(weights: str = "random") -> str:
+    """Identity of the tiny stack: changes whenever its architecture, seed, vocabulary or weights change."""
     blob = json.dumps([TINY_VERSION, UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, SCHEDULER_CONFIG], sort_keys=True)
     digest = hashlib.sha256(blob.encode())
-    for name in ("vocab.json", "merges.txt"):
-        digest.update((TOKENIZER_DIR / name).read_bytes())
+    files = [TOKENIZER_DIR / "vocab.json", TOKENIZER_DIR / "merges.txt"]
+    if weights == "pretrained":
+        files += pretrained_files()
+    for path in files:
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
-def ensure_tiny_pipeline(cache_dir: Path) -> Path:
-    """The tiny stack as a diffusers pipeline folder in `cache_dir`, built once (safe across processes)."""
-    return build_once(Path(cache_dir) / f"tiny-sd-{tiny_key()}", save_tiny_pipeline)
+def pretrained_files() -> list[Path]:
+    """The shipped pretrained weight files (and the VAE's scaling factor); an error if any is missing."""
+    files = [PRETRAINED_DIR / f"{name}.safetensors" for name in COMPONENTS] + [PRETRAINED_DIR / "vae.json"]
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the pretrained tiny stack is missing {missing}; reinstall sdtune, or use model.weights=random"
+        )
+    return files
 
 
-def save_tiny_pipeline(out: Path) -> None:
-    """Build the tiny stack with fixed seeds and save it as a diffusers `StableDiffusionPipeline` folder."""
-    build_tiny_pipeline().save_pretrained(out, safe_serialization=True)
+def ensure_tiny_pipeline(cache_dir: Path, weights: str = "random") -> Path:
+    """The tiny stack as a diffusers pipeline folder in `cache_dir`, built once (safe across processes).
+
+    `weights`: `random` (deterministic initialisation: what pretraining starts from) or `pretrained`
+    (the shipped weights trained on the shapes world).
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"model.weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    name = "tiny-sd" if weights == "random" else "tiny-sd-pretrained"
+    return build_once(
+        Path(cache_dir) / f"{name}-{tiny_key(weights)}", lambda out: save_tiny_pipeline(out, weights)
+    )
+
+
+def save_tiny_pipeline(out: Path, weights: str = "random") -> None:
+    """Build the tiny stack and save it as a diffusers `StableDiffusionPipeline` folder."""
+    pipe = build_tiny_pipeline()
+    if weights == "pretrained":
+        load_pretrained_weights(pipe)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def load_pretrained_weights(pipe: Any) -> None:
+    """Load the shipped (fp16) weights into the float32 stack, and the VAE's latent scaling factor."""
+    from safetensors.torch import load_file
+
+    pretrained_files()
+    for name in COMPONENTS:
+        state = load_file(PRETRAINED_DIR / f"{name}.safetensors")
+        getattr(pipe, name).load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    vae_facts = json.loads((PRETRAINED_DIR / "vae.json").read_text())
+    pipe.vae.register_to_config(scaling_factor=vae_facts["scaling_factor"])
 
 
 def build_tiny_pipeline():  # -> StableDiffusionPipeline (imported lazily: diffusers is slow to import)
-    """Construct the tiny stack in memory, deterministically (same weights on every machine)."""
+    """Construct the tiny stack in memory with its deterministic random initialisation."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -1,0 +1,195 @@
+"""Generate a fixed prompt set with fixed seeds and score it with the shapes-world judge.
+
+Used by `python -m sdtune.evaluate` (a run directory or a base model) and by `EvaluateCallback` (the model being
+trained). A prompt set is a list of `Prompt`s: the text, and what the judge should read off its images (any of
+shape, colour, background; what is left out is not scored, but its distribution is still reported).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
+
+from sdtune.data.shapes import BACKGROUNDS, COLOURS, SHAPES
+from sdtune.judge import Judge, Verdict
+
+FIELDS = ("shape", "colour", "background")
+SCHEMA_VERSION = 1
+GRID_COLUMNS = 12
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    shape: str | None = None
+    colour: str | None = None
+    background: str | None = None
+
+    def expected(self) -> dict[str, str]:
+        return {f: getattr(self, f) for f in FIELDS if getattr(self, f) is not None}
+
+
+def grid_prompts(
+    template: str,
+    shapes: list[str] | None = None,
+    colours: list[str] | None = None,
+    backgrounds: list[str] | None = None,
+) -> list[Prompt]:
+    """Every combination the template names, e.g. "a {colour} {shape} on a {background} background"."""
+    choices = {
+        "shape": list(shapes or SHAPES),
+        "colour": list(colours or COLOURS),
+        "background": list(backgrounds or BACKGROUNDS),
+    }
+    used = [f for f in FIELDS if "{" + f + "}" in template]
+    prompts = []
+    for values in itertools.product(*(choices[f] for f in used)):
+        named = dict(zip(used, values))
+        prompts.append(Prompt(template.format(**named), **named))
+    return prompts
+
+
+def prompts_from_config(cfg: DictConfig) -> list[Prompt]:
+    """`cfg.prompts`: a template string expanded over cfg.shapes/colours/backgrounds, or explicit entries."""
+    if isinstance(cfg.prompts, ListConfig):
+        entries = OmegaConf.to_container(cfg.prompts, resolve=True)
+        return [Prompt(e) if isinstance(e, str) else Prompt(**e) for e in entries]
+    return grid_prompts(str(cfg.prompts), cfg.get("shapes"), cfg.get("colours"), cfg.get("backgrounds"))
+
+
+def check_prompts(prompts: list[Prompt]) -> list[str]:
+    """Problems with expected values the judge cannot read (a typo would score 0% silently)."""
+    known = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+    problems = []
+    for prompt in prompts:
+        for field, value in prompt.expected().items():
+            if value not in known[field]:
+                problems.append(f"prompts: {prompt.text!r}: {field} {value!r} is not one of {list(known[field])}")
+    return problems
+
+
+def generate_set(
+    unet: Any,
+    vae: Any,
+    conditioning: Any,
+    scheduler_config: dict[str, Any],
+    prompts: list[Prompt],
+    settings: DictConfig,
+    resolution: int,
+) -> list[tuple[Prompt, int, Image.Image]]:
+    """(prompt, seed, image) for `settings.per_prompt` seeds of every prompt, in batches."""
+    import torch
+
+    from sdtune.sampling import generate, make_scheduler, to_pil
+
+    jobs = [(p, settings.seed + i) for p in prompts for i in range(settings.per_prompt)]
+    results = []
+    for start in range(0, len(jobs), settings.batch_size):
+        chunk = jobs[start : start + settings.batch_size]
+        batch = {"caption": [p.text for p, _ in chunk], "negative_caption": [""] * len(chunk)}
+        with torch.no_grad():
+            images = generate(
+                unet,
+                vae,
+                conditioning,
+                batch,
+                scheduler=make_scheduler(settings.scheduler, scheduler_config, seed=settings.seed),
+                steps=settings.steps,
+                guidance=settings.guidance,
+                seed=settings.seed,
+                height=resolution,
+                width=resolution,
+                noise_seeds=[seed for _, seed in chunk],
+            )
+        results += [(p, seed, image) for (p, seed), image in zip(chunk, to_pil(images))]
+    return results
+
+
+def score(samples: list[tuple[Prompt, int, Verdict]]) -> dict[str, Any]:
+    """Accuracies overall and per prompted shape, plus the distribution of what was drawn."""
+    def accuracy(rows: list[tuple[Prompt, int, Verdict]]) -> dict[str, Any]:
+        result: dict[str, Any] = {"n": len(rows)}
+        for field in FIELDS:
+            scored = [getattr(v, field) == p.expected()[field] for p, _, v in rows if field in p.expected()]
+            result[field] = float(np.mean(scored)) if scored else None
+        exact = [all(getattr(v, f) == e for f, e in p.expected().items()) for p, _, v in rows]
+        result["all"] = float(np.mean(exact)) if exact else None
+        return result
+
+    by_shape: dict[str, list[tuple[Prompt, int, Verdict]]] = {}
+    for row in samples:
+        by_shape.setdefault(row[0].shape or "unspecified", []).append(row)
+    return {
+        "overall": accuracy(samples),
+        "per_shape": {shape: accuracy(rows) for shape, rows in sorted(by_shape.items())},
+        "drawn": {
+            field: distribution([getattr(v, field) for _, _, v in samples]) for field in FIELDS
+        },
+    }
+
+
+def distribution(values: list[str]) -> dict[str, float]:
+    counts = Counter(values)
+    return {k: counts[k] / len(values) for k in sorted(counts)}
+
+
+def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
+    """½ Σ |p − q| over the union of outcomes."""
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def evaluate(
+    unet: Any,
+    vae: Any,
+    conditioning: Any,
+    scheduler_config: dict[str, Any],
+    settings: DictConfig,
+    resolution: int,
+    judge: Judge | None = None,
+) -> tuple[dict[str, Any], list[Image.Image]]:
+    """(report, images): generate `settings`' prompt set and score it."""
+    judge = judge or Judge.load()
+    prompts = prompts_from_config(settings)
+    generated = generate_set(unet, vae, conditioning, scheduler_config, prompts, settings, resolution)
+    verdicts = judge([image for _, _, image in generated])
+    rows = [(p, seed, v) for (p, seed, _), v in zip(generated, verdicts)]
+    report = {
+        "schema": SCHEMA_VERSION,
+        "settings": {
+            k: settings[k] for k in ("scheduler", "steps", "guidance", "seed", "per_prompt") if k in settings
+        },
+        "resolution": resolution,
+        **score(rows),
+        "samples": [
+            {"prompt": p.text, "seed": seed, "expected": p.expected(), "judged": v.as_dict()}
+            for p, seed, v in rows
+        ],
+    }
+    return report, [image for _, _, image in generated]
+
+
+def write_report(report: dict[str, Any], images: list[Image.Image], out_dir: Path, stem: str) -> Path:
+    """`<stem>.json` and `<stem>.png` (the images in prompt order, a row per prompt) in `out_dir`, atomically."""
+    from sdtune.io import atomic_path, atomic_write_text
+    from sdtune.sampling import make_grid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    atomic_write_text(path, json.dumps(report, indent=1) + "\n")
+    with atomic_path(out_dir / f"{stem}.png") as tmp:
+        make_grid(images, columns=min(GRID_COLUMNS, len(images))).save(tmp, format="PNG")
+    return path
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    overall = report["overall"]
+    parts = [f"{f} {overall[f]:.1%}" for f in (*FIELDS, "all") if overall.get(f) is not None]
+    return f"n={overall['n']}: " + ", ".join(parts)
