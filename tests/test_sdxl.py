@@ -115,6 +115,21 @@ def test_run_writes_every_export_and_a_sample(run) -> None:
     assert list((run.run_dir / "samples").glob("step_*.png"))
 
 
+def test_every_trainable_weight_gets_a_gradient(run) -> None:
+    """DDP (find_unused_parameters=false) needs it: text_encoder's last layer feeds nothing in SDXL."""
+    module = run.module
+    batch = next(iter(run.trainer.datamodule.train_dataloader()))
+    module.train()
+    try:
+        module.batch_loss(batch)[0].backward()
+        trainable = module.trainable_parameters()
+        assert any(".text_encoder_2." in name for name in trainable)
+        assert [name for name, p in trainable.items() if p.grad is None] == []
+    finally:
+        module.zero_grad(set_to_none=True)
+        module.eval()
+
+
 @pytest.mark.parametrize("path", ["lora/pytorch_lora_weights.safetensors", "lora/kohya.safetensors"])
 def test_lora_files_load_with_diffusers_sdxl_loader(run, trained, base, tiny_xl_dir, path) -> None:
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)

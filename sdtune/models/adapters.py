@@ -15,16 +15,26 @@ ADAPTER_NAME = "default"
 VARIANTS = ("lora", "dora", "loha", "lokr")
 
 
-def adapter_peft_config(method: DictConfig, target_modules: list[str], rank: int) -> Any:
-    """The peft config of `method.variant` (LoRA, DoRA, LoHa or LoKr) from the `method` config group."""
+def adapter_peft_config(
+    method: DictConfig, target_modules: list[str], rank: int, layers: list[int] | None = None
+) -> Any:
+    """The peft config of `method.variant` (LoRA, DoRA, LoHa or LoKr) from the `method` config group.
+
+    `layers`: adapt only these transformer layers (`….layers.N.…`); None = all.
+    """
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     targets = list(OmegaConf.to_container(target_modules, resolve=True))
     variant = method.get("variant", "lora")
+    only = {"layers_to_transform": layers, "layers_pattern": "layers"} if layers is not None else {}
     if variant == "loha":
-        return LoHaConfig(r=rank, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets)
+        return LoHaConfig(
+            r=rank, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, **only
+        )
     if variant == "lokr":
-        return LoKrConfig(r=rank, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets)
+        return LoKrConfig(
+            r=rank, alpha=method.alpha, module_dropout=method.dropout, target_modules=targets, **only
+        )
     return LoraConfig(
         r=rank,
         lora_alpha=method.alpha,
@@ -33,6 +43,7 @@ def adapter_peft_config(method: DictConfig, target_modules: list[str], rank: int
         use_dora=variant == "dora",
         init_lora_weights="gaussian",
         target_modules=targets,
+        **only,
     )
 
 
@@ -48,8 +59,9 @@ def apply_lora(stack: Any, method: DictConfig) -> None:
     stack.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     if method.train_text_encoder:
         for encoder in _text_encoders(stack):
-            config = adapter_peft_config(method, method.text_encoder_target_modules, method.text_encoder_rank)
-            add_adapter(encoder, config)
+            layers = _used_layers(stack, encoder)
+            targets, rank = method.text_encoder_target_modules, method.text_encoder_rank
+            add_adapter(encoder, adapter_peft_config(method, targets, rank, layers))
     if method.get("init_from"):
         load_initial_lora(stack, method.init_from)
 
@@ -73,8 +85,26 @@ def apply_full(stack: Any, method: DictConfig) -> None:
     if method.train_text_encoder:
         for encoder in _text_encoders(stack):
             encoder.requires_grad_(True)
+            for part in _unused_parts(stack, encoder):
+                part.requires_grad_(False)
             if method.gradient_checkpointing:
                 encoder.gradient_checkpointing_enable()
+
+
+def _unused_parts(stack: Any, encoder: Any) -> list[Any]:
+    """Parts of `encoder` that never get a gradient: SDXL conditions on text_encoder's penultimate hidden
+    states, so its last layer and final norm stay frozen (DDP would otherwise wait for their gradients)."""
+    if getattr(stack, "text_encoder_2", None) is None or encoder is not stack.text_encoder:
+        return []
+    model = getattr(encoder, "text_model", encoder)
+    return [model.encoder.layers[-1], model.final_layer_norm]
+
+
+def _used_layers(stack: Any, encoder: Any) -> list[int] | None:
+    """The transformer layers of `encoder` worth adapting: all (None) but those `_unused_parts` names."""
+    if not _unused_parts(stack, encoder):
+        return None
+    return list(range(encoder.config.num_hidden_layers - 1))
 
 
 def _text_encoders(stack: Any) -> list[Any]:
