@@ -258,8 +258,10 @@ def text_encoder_to_ldm(te_state_dict: Mapping[str, torch.Tensor], family: str =
 
     Accepts both the flattened (transformers >= 5.6) and the `text_model.`-wrapped key forms.
     """
-    if family not in ("sd1", "sd2"):
-        raise ValueError(f"single-file export: family={family!r} is not one of sd1, sd2 (SDXL: sdxl_text_*)")
+    if family not in FAMILIES[:2]:
+        raise ValueError(
+            f"single-file export: family={family!r} is not one of sd1, sd2 (SDXL: sdxl_text_encoders_to_ldm)"
+        )
     flat = _flat_text_encoder(te_state_dict)
     return _clip_to_ldm(flat) if family == "sd1" else _open_clip_to_ldm(flat)
 
