@@ -140,8 +140,6 @@ def _check_sdxl(cfg: DictConfig, report: Report) -> None:
         )
     if cfg.method.name == "textual_inversion":
         report("method: textual inversion for SDXL is not supported yet; use method=lora or method=full")
-    if cfg.method.get("init_from"):
-        report("method.init_from: starting SDXL from an existing LoRA file is not supported yet")
     if cfg.get("runtime") is not None and cfg.runtime.get("quantize") is not None:
         report("runtime.quantize: a quantised SDXL base is not supported yet; set runtime.quantize=null")
     if cfg.data.name != "shapes" and cfg.data.name != "captions":

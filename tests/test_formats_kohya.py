@@ -63,7 +63,6 @@ REQUIRED_METADATA = {
     *("modelspec.implementation", "modelspec.title", "modelspec.resolution", "modelspec.date"),
     "modelspec.prediction_type",
 }
-SDXL_MESSAGE = "reading SDXL kohya LoRA files is not supported yet; use a diffusers-format LoRA"
 
 _generator = torch.Generator().manual_seed(2)
 LATENTS = torch.randn(1, 4, 8, 8, generator=_generator)
@@ -482,11 +481,9 @@ def test_export_dtype_and_fresh_tensors() -> None:
     assert same["lora_unet_a.lora_up.weight"].data_ptr() != pair["a.lora_B.weight"].data_ptr()
 
 
-def test_sdxl_import_is_refused_and_export_needs_the_unet_layout() -> None:
+def test_sdxl_export_needs_the_unet_layout_and_writes_sdxl_metadata() -> None:
     with pytest.raises(ValueError, match="unet_layout"):
         peft_to_kohya({}, LoraConfig(), family="sdxl")
-    with pytest.raises(ValueError, match=re.escape(SDXL_MESSAGE)):
-        kohya_to_peft({}, torch.nn.Linear(1, 1), family="sdxl")
     sdxl = metadata(base_model_version="sdxl_base_v1-0")
     assert sdxl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert sdxl["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"

@@ -394,3 +394,27 @@ def test_caption_dropout_gives_the_empty_caption_of_both_encoders(cache_dir) -> 
     torch.testing.assert_close(tokens[1:], kept_tokens)
     torch.testing.assert_close(added["text_embeds"][1:], kept_pooled)
     assert added["time_ids"].tolist() == [[96, 64, 16, 0, 64, 64], [64, 64, 0, 0, 64, 64]]
+
+
+@pytest.mark.parametrize("path", ["lora/kohya.safetensors", "lora/pytorch_lora_weights.safetensors"])
+def test_init_from_reproduces_the_sdxl_adapters(run, trained, cache_dir, path) -> None:
+    from sdtune.models import load_stack
+    from sdtune.models.adapters import apply_method
+
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "method.rank=4",
+            "method.alpha=2",
+            "method.train_text_encoder=true",
+            f"method.target_modules={UNET_TARGETS}",
+            f"method.init_from={run.run_dir / path}",
+        ],
+    )
+    stack = load_stack(cfg.model, cache_dir)
+    apply_method(stack, cfg.method)
+    stack.unet.eval()
+    got = outputs(stack.unet, stack.text_encoder, stack.text_encoder_2)
+    for g, w in zip(got, trained):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -4,7 +4,7 @@ A kohya file holds, per adapted module, `<prefix>_<module path with "." -> "_">.
 `lora_A`), `.lora_up.weight` (`lora_B`) and a 0-dim `.alpha`; every reader applies
 `W + (alpha / r) * up @ down` with `r = lora_down.shape[0]`. Prefixes are `lora_unet` and `lora_te`, and text
 encoder paths are written in their canonical `text_model.` form even when the installed transformers has
-flattened `CLIPTextModel`. SDXL files (export only) name the U-Net as sd-scripts' sgm U-Net does
+flattened `CLIPTextModel`. SDXL files name the U-Net as sd-scripts' sgm U-Net does
 (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`; the block numbers come from the U-Net config)
 and the text encoders `lora_te1_` / `lora_te2_`.
 
@@ -45,7 +45,6 @@ SDXL_TE_PREFIXES = ("lora_te1_", "lora_te2_")
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
 PEFT_WRAPPER_PREFIX = "base_model.model."
-SDXL_ERROR = "reading SDXL kohya LoRA files is not supported yet; use a diffusers-format LoRA"
 SDXL_VERSION = "sdxl_base_v1-0"
 BASE_MODEL_VERSIONS = {
     "sd_v1": "stable-diffusion-v1/lora",
@@ -300,30 +299,54 @@ def kohya_to_peft(
     Modules are zero-padded to the largest rank and their scales folded into `lora_B`, so
     `LoraConfig(r=rank, lora_alpha=alpha)` on the returned modules reproduces the file. A missing or zero
     `.alpha` means alpha = rank (sd-scripts' rule). The text-encoder dict is None when the file has none.
+    SDXL files with a second text encoder: `kohya_to_peft_parts`.
     """
+    parts, rank, alpha = kohya_to_peft_parts(state_dict, {"unet": unet, "text_encoder": text_encoder}, family)
+    return parts.get("unet", {}), parts.get("text_encoder"), rank, alpha
+
+
+def kohya_to_peft_parts(
+    state_dict: dict[str, torch.Tensor], models: dict[str, torch.nn.Module | None], family: str = "sd1"
+) -> tuple[dict[str, dict[str, torch.Tensor]], int, float]:
+    """`kohya_to_peft` for named models (`unet`, `text_encoder`, SDXL's `text_encoder_2`): ({name: peft
+    dict} for those the file adapts, rank, alpha). SDXL files name the U-Net the sgm way and the text
+    encoders `lora_te1_` / `lora_te2_`."""
     _check_family(family)
-    if family == "sdxl":
-        raise ValueError(SDXL_ERROR)
-    unet_names = _module_index(unet, UNET_PREFIX, te=False)
-    te_names = _module_index(text_encoder, TE_PREFIX, te=True) if text_encoder is not None else {}
-    groups, unknown = _group_kohya_keys(state_dict, unet_names, te_names)
+    index: dict[str, tuple[str, _ModuleInfo]] = {}  # kohya name -> (model name, module info)
+    for part, model in models.items():
+        if model is not None:
+            index.update({name: (part, info) for name, info in _part_index(part, model, family).items()})
+    groups, unknown = _group_kohya_keys(state_dict, index, alias=family != "sdxl")
     if unknown:
-        raise ValueError(_unknown_keys_message(unknown, text_encoder is None))
-    names = {**unet_names, **te_names}
-    modules = {name: _check_module(name, parts, names[name]) for name, parts in groups.items()}
+        raise ValueError(_unknown_keys_message(unknown, models.get("text_encoder") is None, family))
+    modules = {name: _check_module(name, parts, index[name][1]) for name, parts in groups.items()}
     if not modules:
         raise ValueError("the kohya state dict holds no LoRA modules")
     rank = max(down.shape[0] for down, _, _ in modules.values())
     file_scale = Counter(alpha / down.shape[0] for down, _, alpha in modules.values()).most_common(1)[0][0]
     alpha = _alpha_for(file_scale, rank, modules.values())
-    unet_sd: dict[str, torch.Tensor] = {}
-    te_sd: dict[str, torch.Tensor] = {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for name, (down, up, module_alpha) in modules.items():
-        path, target = (unet_names[name][0], unet_sd) if name in unet_names else (te_names[name][0], te_sd)
+        part, (path, _) = index[name]
         factor = (module_alpha / down.shape[0]) / (alpha / rank)
+        target = out.setdefault(part, {})
         target[path + PEFT_A] = _pad(down, rank, dim=0).contiguous().clone()
         target[path + PEFT_B] = _pad(_scaled(up, factor, up.dtype), rank, dim=1).contiguous()
-    return unet_sd, (te_sd or None), rank, alpha
+    return out, rank, alpha
+
+
+def _part_index(part: str, model: torch.nn.Module, family: str) -> dict[str, _ModuleInfo]:
+    """kohya names of one model's modules: its prefix, and sgm U-Net names for SDXL."""
+    sdxl = family == "sdxl"
+    if part == "unet":
+        layout = getattr(model, "config", None)
+        rename = (lambda path: sgm_unet_path(path, layout)) if sdxl else None
+        return _module_index(model, UNET_PREFIX, te=False, rename=rename)
+    prefixes = {
+        "text_encoder": SDXL_TE_PREFIXES[0] if sdxl else TE_PREFIX,
+        "text_encoder_2": SDXL_TE_PREFIXES[1],
+    }
+    return _module_index(model, prefixes[part], te=True)
 
 
 def peft_target_modules(peft_state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -335,11 +358,14 @@ _ModuleInfo = tuple[str, torch.Size]
 _KohyaModule = tuple[torch.Tensor, torch.Tensor, float]  # (down, up, alpha)
 
 
-def _module_index(model: torch.nn.Module, prefix: str, *, te: bool) -> dict[str, _ModuleInfo]:
+def _module_index(
+    model: torch.nn.Module, prefix: str, *, te: bool, rename: Callable[[str], str] | None = None
+) -> dict[str, _ModuleInfo]:
     """kohya name -> (module path, base weight shape) for every Linear/Conv2d in `model`.
 
     Text-encoder modules are indexed with and without the `text_model.` level, so files written for either
-    transformers layout resolve; names that two modules would share are dropped.
+    transformers layout resolve; names that two modules would share are dropped. `rename` maps a module path
+    to the path the file uses (SDXL's sgm names); modules it has no name for are left out.
     """
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
@@ -351,6 +377,11 @@ def _module_index(model: torch.nn.Module, prefix: str, *, te: bool) -> dict[str,
         variants = {path}
         if te:
             variants |= {path.removeprefix("text_model."), "text_model." + path.removeprefix("text_model.")}
+        if rename is not None:
+            try:
+                variants = {rename(path)}
+            except ValueError:
+                continue
         for variant in variants:
             name = prefix + variant.replace(".", "_")
             clash = name in index and (index[name] is None or index[name][0] != path)
@@ -359,28 +390,31 @@ def _module_index(model: torch.nn.Module, prefix: str, *, te: bool) -> dict[str,
 
 
 def _group_kohya_keys(
-    state_dict: dict[str, torch.Tensor], unet_names: dict[str, _ModuleInfo], te_names: dict[str, _ModuleInfo]
+    state_dict: dict[str, torch.Tensor], names: dict[str, object], *, alias: bool
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Split keys into known module name -> {suffix: tensor}, plus the keys that match no module."""
+    """Split keys into known module name -> {suffix: tensor}, plus the keys that match no module.
+
+    With `alias` (SD1/SD2) `lora_te1_` reads as `lora_te_`, as diffusers' own kohya writer names SD1 files.
+    """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state_dict.items():
         name, dot, suffix = key.partition(".")
-        for alias in TE_PREFIX_ALIASES[1:]:
-            if name.startswith(alias):
-                name = TE_PREFIX + name.removeprefix(alias)
-        if dot + suffix in (DOWN, UP, ALPHA) and (name in unet_names or name in te_names):
+        for other in TE_PREFIX_ALIASES[1:] if alias else ():
+            if name.startswith(other):
+                name = TE_PREFIX + name.removeprefix(other)
+        if dot + suffix in (DOWN, UP, ALPHA) and name in names:
             groups.setdefault(name, {})[dot + suffix] = tensor
         else:
             unknown.append(key)
     return groups, unknown
 
 
-def _unknown_keys_message(unknown: list[str], no_text_encoder: bool) -> str:
+def _unknown_keys_message(unknown: list[str], no_text_encoder: bool, family: str) -> str:
     """Explain keys that match no module, with the likely cause."""
     message = "these kohya keys match no module of the given model(s): " + _listing(unknown)
-    if any(_SGM_NAME.match(key) for key in unknown):
-        message += ". They look like an SDXL LoRA; " + SDXL_ERROR
+    if family != "sdxl" and any(_SGM_NAME.match(key) for key in unknown):
+        message += ". They look like an SDXL LoRA: use it with an SDXL base model (family sdxl)"
     elif no_text_encoder and any(key.startswith(TE_PREFIX_ALIASES) for key in unknown):
         message += ". The file has text-encoder LoRA: pass text_encoder=, or remove the lora_te_ keys"
     return message

@@ -142,30 +142,34 @@ def adapter_config(model: Any) -> Any | None:
     return getattr(model, "peft_config", {}).get(ADAPTER_NAME)
 
 
-def read_lora_file(path: str, unet: Any, text_encoder: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """peft-keyed (U-Net, text encoder) tensors of a kohya or diffusers LoRA file, rescaled so that the
-    adapters `unet` / `text_encoder` already carry (their own alpha and rank) reproduce the file exactly."""
+def read_lora_file(path: str, models: dict[str, Any], family: str = "sd1") -> dict[str, dict[str, Any]]:
+    """peft-keyed tensors of a kohya or diffusers LoRA file per model it adapts (`unet`, `text_encoder`,
+    SDXL's `text_encoder_2`), rescaled so that the adapters the `models` already carry (their own alpha and
+    rank) reproduce the file exactly."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from sdtune.formats.kohya import kohya_to_peft
+    from sdtune.formats.kohya import kohya_to_peft_parts
 
     state = load_file(path)
     if all(k.startswith(("lora_unet_", "lora_te")) for k in state):
-        unet_sd, te_sd, rank, alpha = kohya_to_peft(state, unet, text_encoder)
-        return _rescaled(unet_sd, alpha / rank, unet), _rescaled(te_sd, alpha / rank, text_encoder)
-    unet_sd = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    te_sd = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
-    if not unet_sd or len(unet_sd) + len(te_sd) != len(state):
+        parts, rank, alpha = kohya_to_peft_parts(state, models, family)
+        return {part: _rescaled(tensors, alpha / rank, models[part]) for part, tensors in parts.items()}
+    parts = {
+        part: {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
+        for part in models
+    }
+    if not parts.get("unet") or sum(len(tensors) for tensors in parts.values()) != len(state):
         raise ValueError(f"method.init_from: {path} is neither a kohya nor a diffusers LoRA file")
     with safe_open(path, "pt") as f:
         metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    scales = {part: _scale(metadata, part) for part in ("unet", "text_encoder")}
-    return _rescaled(unet_sd, scales["unet"], unet), _rescaled(
-        te_sd or None, scales["text_encoder"], text_encoder
-    )
+    return {
+        part: _rescaled(tensors, _scale(metadata, part), models[part])
+        for part, tensors in parts.items()
+        if tensors
+    }
 
 
 def _scale(metadata: dict[str, Any], part: str) -> float | None:
@@ -186,15 +190,16 @@ def _rescaled(tensors: dict[str, Any] | None, file_scale: float | None, model: A
 
 def load_initial_lora(stack: Any, path: str) -> None:
     """Start training from an existing LoRA: its tensors replace the fresh adapter's, shapes checked."""
-    unet_sd, te_sd = read_lora_file(path, stack.unet, stack.text_encoder)
-    _load_adapter_tensors(stack.unet, unet_sd, path, "unet")
-    if te_sd:
-        if adapter_config(stack.text_encoder) is None:
+    models = {"unet": stack.unet, "text_encoder": stack.text_encoder}
+    if getattr(stack, "text_encoder_2", None) is not None:
+        models["text_encoder_2"] = stack.text_encoder_2
+    for part, tensors in read_lora_file(path, models, stack.family).items():
+        if adapter_config(models[part]) is None:
             raise ValueError(
-                f"method.init_from: {path} has text-encoder LoRA weights; set "
+                f"method.init_from: {path} has {part.replace('_', ' ')} LoRA weights; set "
                 "method.train_text_encoder=true to train them too"
             )
-        _load_adapter_tensors(stack.text_encoder, te_sd, path, "text encoder")
+        _load_adapter_tensors(models[part], tensors, path, part.replace("_", " "))
 
 
 def _load_adapter_tensors(model: Any, tensors: dict[str, Any], path: str, what: str) -> None:
