@@ -142,10 +142,10 @@ def _check_sdxl(cfg: DictConfig, report: Report) -> None:
         report("method: textual inversion for SDXL is not supported yet; use method=lora or method=full")
     if cfg.get("runtime") is not None and cfg.runtime.get("quantize") is not None:
         report("runtime.quantize: a quantised SDXL base is not supported yet; set runtime.quantize=null")
-    if cfg.data.name != "shapes" and cfg.data.name != "captions":
+    if cfg.data.name not in ("shapes", "captions", "dreambooth"):
         report(
-            f"data={cfg.data.name}: SDXL trains on data=captions or data=shapes only so far (other datasets "
-            "do not record the crop for SDXL's micro-conditioning)"
+            f"data={cfg.data.name}: SDXL trains on data=captions, shapes or dreambooth only so far (other "
+            "datasets do not record the crop for SDXL's micro-conditioning)"
         )
     for name, component in (cfg.get("conditioning") or {}).items():
         if component.get("_target_") != "sdtune.conditioning.text.TextConditioner":
@@ -258,7 +258,9 @@ def _check_shape_choices(section: DictConfig, key: str, report: Report) -> None:
             continue
         unknown = [name for name in chosen if name not in known]
         if unknown or len(chosen) == 0:
-            report(f"{key}.{field}: {list(chosen)} must be a non-empty list from {list(known)} (or null = all)")
+            report(
+                f"{key}.{field}: {list(chosen)} must be a non-empty list from {list(known)} (or null = all)"
+            )
 
 
 def _check_evaluation(cfg: DictConfig, report: Report) -> None:
@@ -270,7 +272,9 @@ def _check_evaluation(cfg: DictConfig, report: Report) -> None:
         return
     _check_shape_choices(evaluation, "evaluation", report)
     if evaluation.scheduler not in SCHEDULERS:
-        report(f"evaluation.scheduler: unknown scheduler {evaluation.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        report(
+            f"evaluation.scheduler: unknown scheduler {evaluation.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
+        )
     try:
         for problem in check_prompts(prompts_from_config(evaluation)):
             report(f"evaluation.{problem}")

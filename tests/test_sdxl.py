@@ -418,3 +418,34 @@ def test_init_from_reproduces_the_sdxl_adapters(run, trained, cache_dir, path) -
     got = outputs(stack.unet, stack.text_encoder, stack.text_encoder_2)
     for g, w in zip(got, trained):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_dreambooth_with_prior_preservation_conditions_both_halves(
+    tmp_path: Path, cache_dir, monkeypatch
+) -> None:
+    seen: list[torch.Tensor] = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, *args, added_cond_kwargs=None, **kwargs):
+        seen.append(added_cond_kwargs["time_ids"].detach().clone())
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "data=dreambooth",
+            "data.num_class_images=2",
+            "data.class_generation.steps=2",
+            "data.synthetic.num_images=2",
+            "trainer.max_steps=1",
+            "sampling.prompts=[]",
+            "export.formats=[diffusers]",
+        ],
+        tmp_path / "run",
+    )
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    train(cfg)
+    assert len(seen) > 1  # the class images were generated with the SDXL stack first
+    training = seen[-1]  # then one step on 2 instance + 2 class images
+    assert training.shape == (4, 6) and training[:, 4:].eq(64).all()

@@ -172,7 +172,7 @@ def generation_device(accelerator: str) -> torch.device:
 @contextlib.contextmanager
 def stack_on(stack: Any, device: torch.device) -> Iterator[None]:
     """Run the block with the stack's models on `device` (16-bit autocast on a GPU); move them back after."""
-    parts = (stack.unet, stack.vae, stack.text_encoder)
+    parts = (stack.unet, stack.vae, *stack.text_encoders)
     before = [part.device for part in parts]
     for part in parts:
         part.to(device)

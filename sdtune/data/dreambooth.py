@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdtune.conditioning.text import MICRO_CONDITIONING
 from sdtune.data.class_images import (
     default_class_dir,
     ensure_class_images,
@@ -52,30 +53,34 @@ class DreamBoothDataset(Dataset):
         return max(len(self.instance_images), len(self.class_images))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {
-            "pixel_values": self._load(self.instance_images[index % len(self.instance_images)]),
-            "caption": self.instance_prompt,
-        }
+        """Pixels, caption and crop placement (SDXL micro-conditioning), and the same for a class image."""
+        pixels, placement = self._load(self.instance_images[index % len(self.instance_images)])
+        item = {"pixel_values": pixels, "caption": self.instance_prompt, **placement}
         if self.class_images:
-            item["class_pixel_values"] = self._load(self.class_images[index % len(self.class_images)])
+            pixels, placement = self._load(self.class_images[index % len(self.class_images)])
+            item["class_pixel_values"] = pixels
             item["class_caption"] = self.class_prompt
+            item.update({f"class_{key}": value for key, value in placement.items()})
         return item
 
-    def _load(self, path: Path) -> torch.Tensor:
+    def _load(self, path: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with Image.open(path) as image:
-            return self.transform(image)
+            return self.transform.placed(image)
 
 
 def collate_with_class(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Instance samples, then their class samples, in one batch; `is_class` marks the second half."""
-    pixels = [s["pixel_values"] for s in samples]
-    captions = [s["caption"] for s in samples]
-    if "class_pixel_values" not in samples[0]:
-        return {"pixel_values": torch.stack(pixels), "caption": captions}
-    pixels += [s["class_pixel_values"] for s in samples]
-    captions += [s["class_caption"] for s in samples]
-    is_class = torch.arange(len(pixels)) >= len(samples)
-    return {"pixel_values": torch.stack(pixels), "caption": captions, "is_class": is_class}
+    with_class = "class_pixel_values" in samples[0]
+    halves = ("", "class_") if with_class else ("",)
+    batch: dict[str, Any] = {
+        "pixel_values": torch.stack([s[f"{half}pixel_values"] for half in halves for s in samples]),
+        "caption": [s[f"{half}caption"] for half in halves for s in samples],
+    }
+    for key in MICRO_CONDITIONING:
+        batch[key] = torch.stack([s[f"{half}{key}"] for half in halves for s in samples])
+    if with_class:
+        batch["is_class"] = torch.arange(len(batch["caption"])) >= len(samples)
+    return batch
 
 
 class DreamBoothDataModule(pl.LightningDataModule):
