@@ -133,11 +133,6 @@ def _check_model(cfg: DictConfig, report: Report) -> None:
 
 def _check_sdxl(cfg: DictConfig, report: Report) -> None:
     """What SDXL (two text encoders, micro-conditioning) does not support yet, each with what works."""
-    if cfg.data.get("cache_latents"):
-        report(
-            "data.cache_latents: the latent/text cache does not hold SDXL's second text encoder, pooled "
-            "embeddings or crop micro-conditioning yet; set data.cache_latents=false for model.family=sdxl"
-        )
     if cfg.method.name == "textual_inversion":
         report("method: textual inversion for SDXL is not supported yet; use method=lora or method=full")
     if cfg.get("runtime") is not None and cfg.runtime.get("quantize") is not None:
@@ -258,9 +253,7 @@ def _check_shape_choices(section: DictConfig, key: str, report: Report) -> None:
             continue
         unknown = [name for name in chosen if name not in known]
         if unknown or len(chosen) == 0:
-            report(
-                f"{key}.{field}: {list(chosen)} must be a non-empty list from {list(known)} (or null = all)"
-            )
+            report(f"{key}.{field}: {list(chosen)} must be a non-empty list from {list(known)} (or null = all)")
 
 
 def _check_evaluation(cfg: DictConfig, report: Report) -> None:
@@ -272,9 +265,7 @@ def _check_evaluation(cfg: DictConfig, report: Report) -> None:
         return
     _check_shape_choices(evaluation, "evaluation", report)
     if evaluation.scheduler not in SCHEDULERS:
-        report(
-            f"evaluation.scheduler: unknown scheduler {evaluation.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
-        )
+        report(f"evaluation.scheduler: unknown scheduler {evaluation.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
     try:
         for problem in check_prompts(prompts_from_config(evaluation)):
             report(f"evaluation.{problem}")

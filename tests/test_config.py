@@ -46,9 +46,10 @@ def test_model_configs_compose(train_cfg, model: str) -> None:
 @pytest.mark.parametrize("model", ["sdxl", "tiny_xl"])
 def test_sdxl_validates_and_refuses_what_it_lacks_clearly(train_cfg, model: str) -> None:
     validate(train_cfg(f"model={model}", "export.formats=[diffusers,kohya,peft,merged,single_file]"))
+    validate(train_cfg(f"model={model}", "data.cache_latents=true"))
     with pytest.raises(ConfigError) as info:
-        validate(train_cfg(f"model={model}", "data.cache_latents=true", "+experiment=textual_inversion"))
-    assert "data.cache_latents" in str(info.value) and "textual inversion for SDXL" in str(info.value)
+        validate(train_cfg(f"model={model}", "data=semantic", "+experiment=textual_inversion"))
+    assert "data=semantic" in str(info.value) and "textual inversion for SDXL" in str(info.value)
 
 
 def test_bad_values_are_all_reported_at_once(train_cfg, tmp_path: Path) -> None:

@@ -212,9 +212,9 @@ def test_random_crop_is_recorded_where_it_was_taken() -> None:
     assert all(torch.equal(bucket_placed[k], placed[k]) for k in placed)
 
 
-@pytest.mark.parametrize("bucketing", [False, True])
+@pytest.mark.parametrize("bucketing,cached", [(False, False), (True, False), (False, True), (True, True)])
 def test_time_ids_reaching_the_unet_match_the_applied_crop(
-    tmp_path: Path, cache_dir, monkeypatch, bucketing: bool
+    tmp_path: Path, cache_dir, monkeypatch, bucketing: bool, cached: bool
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -242,6 +242,8 @@ def test_time_ids_reaching_the_unet_match_the_applied_crop(
             "sampling.prompts=[]",
             "export.formats=[]",
             f"data.bucketing={str(bucketing).lower()}",
+            f"data.cache_latents={str(cached).lower()}",
+            f"data.latent_cache_dir={tmp_path / 'latents'}",
         ],
         tmp_path / "run",
     )

@@ -123,12 +123,9 @@ def fit_image_placed(
     image = ImageOps.exif_transpose(image).convert("RGB")
     original = image.size
     width, height = size
-    w, h = image.size
-    scale = max(width / w, height / h)
-    if scale != 1:
-        resized = (max(width, round(w * scale)), max(height, round(h * scale)))
+    (w, h) = resized = covering_size(original, size)
+    if resized != original:
         image = image.resize(resized, Image.Resampling.BICUBIC)
-    w, h = image.size
     if center_crop:
         left, top = (w - width) // 2, (h - height) // 2
     else:
@@ -140,6 +137,21 @@ def fit_image_placed(
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return pixels, placement(original, (w, h), (left, top), size, flip)
+
+
+def covering_size(image_size: Size, size: Size) -> Size:
+    """The size an image is resized to so that it covers `size` (before the crop); both (width, height)."""
+    (w, h), (width, height) = image_size, size
+    scale = max(width / w, height / h)
+    if scale == 1:
+        return image_size
+    return max(width, round(w * scale)), max(height, round(h * scale))
+
+
+def centre_placement(image_size: Size, size: Size, flip: bool = False) -> dict[str, Tensor]:
+    """The micro-conditioning of `fit_image`'s centre crop of an image of `image_size`, without the pixels."""
+    (w, h), (width, height) = covering_size(image_size, size), size
+    return placement(image_size, (w, h), ((w - width) // 2, (h - height) // 2), size, flip)
 
 
 class BucketedDataset(Dataset):

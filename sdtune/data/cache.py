@@ -189,6 +189,7 @@ class CachedDataset(Dataset):
         text: list[tuple[Path, str]] | None = None,
         null_embeds: Tensor | None = None,
         key: str = "caption",
+        placements: list[tuple[dict[str, Tensor], dict[str, Tensor]]] | None = None,
     ) -> None:
         self.captions = captions
         self.latents = latents
@@ -196,6 +197,7 @@ class CachedDataset(Dataset):
         self.text = text
         self.null_embeds = null_embeds
         self.key = key
+        self.placements = placements  # SDXL micro-conditioning per sample: (as is, flipped)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -208,6 +210,8 @@ class CachedDataset(Dataset):
             "latent_moments": entry["moments_flipped" if flip else "moments"],
             "caption": self.captions[index],
         }
+        if self.placements is not None:
+            out.update(self.placements[index][int(flip)])
         if self.text is not None:
             out[f"{self.key}_embeds"] = read_entry(*self.text[index])["hidden"]
             out[f"negative_{self.key}_embeds"] = self.null_embeds
@@ -255,7 +259,10 @@ def prepare_cache(
     if not transform.center_crop:
         report.notes.append("random crops cannot be cached: images are centre-cropped (data.center_crop)")
     texts = [c for c in components if not any(p.requires_grad for p in c.text_encoder.parameters())]
-    report.text_cached = len(texts) == len(components) == 1
+    sdxl = getattr(stack, "text_encoder_2", None) is not None
+    report.text_cached = len(texts) == len(components) == 1 and not sdxl
+    if sdxl:
+        report.notes.append("SDXL's two text encoders run in every step: only latents are cached")
     column = datamodule.discover_kwargs["image_column"]
     resolution = transform.resolution
     sizes = [
@@ -289,8 +296,24 @@ def prepare_cache(
         f"{report.text_built} built / {report.text_reused} reused" if report.text_cached else "not cached",
     )
     key = texts[0].key if report.text_cached else "caption"
-    datamodule.dataset = CachedDataset(records.captions, latents, transform.random_flip, text, null, key)
+    placements = _placements(records, column, sizes) if sdxl else None
+    datamodule.dataset = CachedDataset(
+        records.captions, latents, transform.random_flip, text, null, key, placements
+    )
     return report
+
+
+def _placements(
+    records: Records, column: str, sizes: list[Size]
+) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """SDXL micro-conditioning of each cached (centre-cropped) sample, as is and flipped."""
+    from sdtune.data.buckets import centre_placement, read_image_sizes
+
+    originals = read_image_sizes(records, column)
+    return [
+        (centre_placement(original, size), centre_placement(original, size, flip=True))
+        for original, size in zip(originals, sizes)
+    ]
 
 
 def _missing(entries: list[tuple[Path, str]], report: CacheReport, kind: str) -> list[int]:

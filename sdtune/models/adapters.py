@@ -58,7 +58,7 @@ def apply_lora(stack: Any, method: DictConfig) -> None:
     config = adapter_peft_config(method, method.target_modules, method.rank)
     stack.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     if method.train_text_encoder:
-        for encoder in _text_encoders(stack):
+        for encoder in stack.text_encoders:
             layers = _used_layers(stack, encoder)
             targets, rank = method.text_encoder_target_modules, method.text_encoder_rank
             add_adapter(encoder, adapter_peft_config(method, targets, rank, layers))
@@ -83,7 +83,7 @@ def apply_full(stack: Any, method: DictConfig) -> None:
     if method.gradient_checkpointing:
         stack.unet.enable_gradient_checkpointing()
     if method.train_text_encoder:
-        for encoder in _text_encoders(stack):
+        for encoder in stack.text_encoders:
             encoder.requires_grad_(True)
             for part in _unused_parts(stack, encoder):
                 part.requires_grad_(False)
@@ -94,7 +94,7 @@ def apply_full(stack: Any, method: DictConfig) -> None:
 def _unused_parts(stack: Any, encoder: Any) -> list[Any]:
     """Parts of `encoder` that never get a gradient: SDXL conditions on text_encoder's penultimate hidden
     states, so its last layer and final norm stay frozen (DDP would otherwise wait for their gradients)."""
-    if getattr(stack, "text_encoder_2", None) is None or encoder is not stack.text_encoder:
+    if stack.text_encoder_2 is None or encoder is not stack.text_encoder:
         return []
     model = getattr(encoder, "text_model", encoder)
     return [model.encoder.layers[-1], model.final_layer_norm]
@@ -106,10 +106,6 @@ def _used_layers(stack: Any, encoder: Any) -> list[int] | None:
         return None
     return list(range(encoder.config.num_hidden_layers - 1))
 
-
-def _text_encoders(stack: Any) -> list[Any]:
-    """The stack's text encoders: one, or SDXL's two."""
-    return [e for e in (stack.text_encoder, getattr(stack, "text_encoder_2", None)) if e is not None]
 
 
 METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
@@ -191,7 +187,7 @@ def _rescaled(tensors: dict[str, Any] | None, file_scale: float | None, model: A
 def load_initial_lora(stack: Any, path: str) -> None:
     """Start training from an existing LoRA: its tensors replace the fresh adapter's, shapes checked."""
     models = {"unet": stack.unet, "text_encoder": stack.text_encoder}
-    if getattr(stack, "text_encoder_2", None) is not None:
+    if stack.text_encoder_2 is not None:
         models["text_encoder_2"] = stack.text_encoder_2
     for part, tensors in read_lora_file(path, models, stack.family).items():
         if adapter_config(models[part]) is None:
