@@ -451,3 +451,45 @@ def test_dreambooth_with_prior_preservation_conditions_both_halves(
     assert len(seen) > 1  # the class images were generated with the SDXL stack first
     training = seen[-1]  # then one step on 2 instance + 2 class images
     assert training.shape == (4, 6) and training[:, 4:].eq(64).all()
+
+
+SDXL_BASE_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (architecture keys)
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "use_linear_projection": True,
+    "sample_size": 128,
+}
+
+
+@pytest.mark.parametrize("config", [SDXL_BASE_UNET, UNET_XL_CONFIG], ids=["sdxl-base", "tiny_xl"])
+def test_sgm_names_of_every_block_module_map_back_through_diffusers(config) -> None:
+    import re
+
+    with torch.device("meta"):  # the full-size U-Net's module tree, no weights
+        unet = UNet2DConditionModel(**config)
+    blocks = ("down_blocks", "mid_block", "up_blocks")
+    paths = {
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.split(".")[0] in blocks
+    }
+    state = {}
+    for path in paths:
+        name = "lora_unet_" + sgm_unet_path(path, unet.config).replace(".", "_")
+        state |= {f"{name}.lora_down.weight": torch.zeros(1, 1), f"{name}.lora_up.weight": torch.zeros(1, 1)}
+    converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(state, unet_config=unet.config)
+
+    def module_of(key: str) -> str:
+        key = key.removeprefix("unet.").replace(".processor.", ".")
+        key = re.sub(r"(_lora)?\.(lora\.)?(down|up)\.weight$", "", key)
+        return re.sub(r"\.to_out$", ".to_out.0", key)
+
+    assert {module_of(key) for key in converted} == paths
