@@ -273,10 +273,11 @@ class EncoderOffload(pl.Callback):
                 part.to("cpu")
         if self.text:
             for component in pl_module.conditioning.components.values():
-                encoder = getattr(component, "text_encoder", None)
-                frozen = encoder is not None and not any(p.requires_grad for p in encoder.parameters())
-                if frozen and getattr(encoder, "hf_quantizer", None) is None:  # bnb weights stay put
-                    encoder.to("cpu")
+                encoders = getattr(component, "encoders", [])  # SDXL: both
+                frozen = encoders and not any(p.requires_grad for e in encoders for p in e.parameters())
+                if frozen and all(getattr(e, "hf_quantizer", None) is None for e in encoders):  # bnb stays
+                    for encoder in encoders:
+                        encoder.to("cpu")
                     component.output_device = pl_module.device
         if pl_module.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -287,7 +288,8 @@ class EncoderOffload(pl.Callback):
         for component in pl_module.conditioning.components.values():
             if getattr(component, "output_device", None) is not None:
                 component.output_device = None
-                component.text_encoder.to(pl_module.device)
+                for encoder in component.encoders:
+                    encoder.to(pl_module.device)
 
 
 def prepare_training(cfg: DictConfig, datamodule: Any, module: Any) -> list[pl.Callback]:

@@ -493,3 +493,28 @@ def test_sgm_names_of_every_block_module_map_back_through_diffusers(config) -> N
         return re.sub(r"\.to_out$", ".to_out.0", key)
 
     assert {module_of(key) for key in converted} == paths
+
+
+def test_text_cache_holds_both_encoders_and_the_pooled_embedding(tmp_path: Path, cache_dir) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "data.num_images=2",
+            "trainer.max_steps=1",
+            "data.cache_latents=true",
+            f"data.latent_cache_dir={tmp_path / 'latents'}",
+            "sampling.prompts=[a star]",
+            "export.formats=[]",
+        ],
+        tmp_path / "run",
+    )
+    result = train(cfg)
+    item = result.trainer.datamodule.dataset[0]
+    text = result.module.conditioning.components["text"]
+    with torch.no_grad():
+        tokens, pooled = text.encode_xl([item["caption"], ""])
+    torch.testing.assert_close(item["caption_embeds"], tokens[0])
+    torch.testing.assert_close(item["caption_pooled"], pooled[0])
+    torch.testing.assert_close(item["negative_caption_pooled"], pooled[1])
+    assert item["original_size"].tolist() == [64, 64] and list((result.run_dir / "samples").glob("*.png"))

@@ -21,7 +21,8 @@ class TextConditioner(nn.Module):
     With the text cache on (`sdtune.data.cache`) the batch carries `<key>_embeds` and
     `negative_<key>_embeds` (the empty caption's) instead, and the encoder does not run.
     For SDXL it returns (tokens, {"text_embeds": pooled, "time_ids": …}); dropped samples get the null
-    caption's tokens and pooled embedding, but keep their time ids.
+    caption's tokens and pooled embedding, but keep their time ids. Cached, the pooled embeddings come as
+    `<key>_pooled` and `negative_<key>_pooled`.
     """
 
     slot = "crossattn"
@@ -39,13 +40,30 @@ class TextConditioner(nn.Module):
 
     def forward(self, batch: dict[str, Any], drop: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         if self.text_encoder_2 is not None:
-            tokens, pooled = self.encode_xl(self.chosen_captions(batch, drop))
+            if f"{self.key}_embeds" in batch:
+                tokens, pooled = (self._cached(batch, drop, part) for part in ("embeds", "pooled"))
+            else:
+                tokens, pooled = self.encode_xl(self.chosen_captions(batch, drop))
             return tokens, {"text_embeds": pooled, "time_ids": time_ids(batch).to(tokens.device)}
-        cached = batch.get(f"{self.key}_embeds")
-        if cached is not None:
-            null = batch[f"negative_{self.key}_embeds"]
-            return torch.where(drop.to(cached.device)[:, None, None], null, cached)
+        if f"{self.key}_embeds" in batch:
+            return self._cached(batch, drop, "embeds")
         return self.encode(self.chosen_captions(batch, drop))
+
+    def _cached(self, batch: dict[str, Any], drop: Tensor, part: str) -> Tensor:
+        """The cached `<key>_<part>` of each sample, or the null caption's where `drop` is set."""
+        cached, null = batch[f"{self.key}_{part}"], batch[f"negative_{self.key}_{part}"]
+        mask = drop.to(cached.device).reshape(-1, *[1] * (cached.dim() - 1))
+        return torch.where(mask, null, cached)
+
+    @property
+    def encoders(self) -> list[Any]:
+        """The text encoders this component runs: one, or SDXL's two."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    def token_ids(self, captions: list[str]) -> Tensor:
+        """Each tokenizer's ids of `captions`, side by side (what the text cache is keyed by)."""
+        tokenizers = [self.tokenizer] + ([self.tokenizer_2] if self.text_encoder_2 is not None else [])
+        return torch.cat([_token_ids(tokenizer, captions) for tokenizer in tokenizers], dim=1)
 
     def chosen_captions(self, batch: dict[str, Any], drop: Tensor) -> list[str]:
         """Each sample's caption, or its null caption (negative or empty) where `drop` is set."""
@@ -63,14 +81,20 @@ class TextConditioner(nn.Module):
 
         The same maths as `StableDiffusionXLPipeline.encode_prompt`, but with gradients (text-encoder LoRA).
         """
-        captions = self._rewritten(captions)
+        return self.encode_xl_ids(self.token_ids(self._rewritten(captions)))
+
+    def encode_xl_ids(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """`encode_xl` of `token_ids` output."""
         hidden, pooled = [], None
-        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
-        for tokenizer, encoder in pairs:
-            output = encoder(_token_ids(tokenizer, captions).to(encoder.device), output_hidden_states=True)
+        parts = ids.split(self.tokenizer.model_max_length, dim=1)
+        for part, encoder in zip(parts, (self.text_encoder, self.text_encoder_2), strict=True):
+            output = encoder(part.to(encoder.device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled = output[0]  # encoder 2 (with projection): text_embeds
-        return torch.cat(hidden, dim=-1), pooled
+        tokens = torch.cat(hidden, dim=-1)
+        if self.output_device is not None:
+            return tokens.to(self.output_device), pooled.to(self.output_device)
+        return tokens, pooled
 
     def _rewritten(self, captions: list[str]) -> list[str]:
         for pattern, replacement in self.rewrites.items():

@@ -187,7 +187,7 @@ class CachedDataset(Dataset):
         latents: list[tuple[Path, str]],
         random_flip: bool,
         text: list[tuple[Path, str]] | None = None,
-        null_embeds: Tensor | None = None,
+        null_embeds: dict[str, Tensor] | None = None,
         key: str = "caption",
         placements: list[tuple[dict[str, Tensor], dict[str, Tensor]]] | None = None,
     ) -> None:
@@ -213,8 +213,11 @@ class CachedDataset(Dataset):
         if self.placements is not None:
             out.update(self.placements[index][int(flip)])
         if self.text is not None:
-            out[f"{self.key}_embeds"] = read_entry(*self.text[index])["hidden"]
-            out[f"negative_{self.key}_embeds"] = self.null_embeds
+            text = read_entry(*self.text[index])
+            for part, name in (("hidden", "embeds"), ("pooled", "pooled")):  # pooled: SDXL
+                if part in text:
+                    out[f"{self.key}_{name}"] = text[part]
+                    out[f"negative_{self.key}_{name}"] = self.null_embeds[part]
         return out
 
 
@@ -258,11 +261,9 @@ def prepare_cache(
     report = CacheReport(Path(root))
     if not transform.center_crop:
         report.notes.append("random crops cannot be cached: images are centre-cropped (data.center_crop)")
-    texts = [c for c in components if not any(p.requires_grad for p in c.text_encoder.parameters())]
+    texts = [c for c in components if not any(p.requires_grad for e in c.encoders for p in e.parameters())]
+    report.text_cached = len(texts) == len(components) == 1
     sdxl = getattr(stack, "text_encoder_2", None) is not None
-    report.text_cached = len(texts) == len(components) == 1 and not sdxl
-    if sdxl:
-        report.notes.append("SDXL's two text encoders run in every step: only latents are cached")
     column = datamodule.discover_kwargs["image_column"]
     resolution = transform.resolution
     sizes = [
@@ -381,20 +382,17 @@ def _build_latents(
 
 
 @torch.no_grad()
-def encode_text(component: Any, ids: Tensor) -> Tensor:
+def encode_text(component: Any, ids: Tensor) -> dict[str, Tensor]:
+    """What a text entry holds: `hidden` states (SDXL: both encoders' and the `pooled` embedding)."""
+    if component.text_encoder_2 is not None:
+        hidden, pooled = component.encode_xl_ids(ids)
+        return {"hidden": hidden, "pooled": pooled}
     encoder = component.text_encoder
-    return encoder(ids.to(encoder.device))[0]
+    return {"hidden": encoder(ids.to(encoder.device))[0]}
 
 
 def token_ids(component: Any, captions: list[str]) -> Tensor:
-    tokenizer = component.tokenizer
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    return component.token_ids(captions)
 
 
 def _prepare_text(
@@ -404,8 +402,8 @@ def _prepare_text(
     device: torch.device,
     batch_size: int,
     report: CacheReport,
-) -> tuple[list[tuple[Path, str]], Tensor]:
-    text_id = digest_of("text", module_digest(component.text_encoder))
+) -> tuple[list[tuple[Path, str]], dict[str, Tensor]]:
+    text_id = digest_of("text", *(module_digest(encoder) for encoder in component.encoders))
     all_captions = [*captions, ""]
     ids = token_ids(component, all_captions)
     keys = [digest_of(CACHE_VERSION, "text", text_id, row.tolist()) for row in ids]
@@ -413,15 +411,16 @@ def _prepare_text(
     todo = _missing(entries, report, "text")
     if todo:
         with (
-            _on(component.text_encoder, device),
+            contextlib.ExitStack() as on_device,
             tqdm(total=len(todo), desc="caching text", unit="caption") as bar,
         ):
+            for encoder in component.encoders:
+                on_device.enter_context(_on(encoder, device))
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
-                hidden = encode_text(component, ids[chunk])
+                encoded = encode_text(component, ids[chunk])
                 for j, i in enumerate(chunk):
-                    write_entry(*entries[i], {"hidden": hidden[j]})
+                    write_entry(*entries[i], {name: tensor[j] for name, tensor in encoded.items()})
                 bar.update(len(chunk))
     report.text_built = len(todo)
-    null = read_entry(*entries[-1])["hidden"]
-    return entries[:-1], null
+    return entries[:-1], read_entry(*entries[-1])
