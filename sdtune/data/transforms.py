@@ -67,8 +67,8 @@ def placement(
     """SDXL micro-conditioning of one sample: `original_size` (h, w) of the source image, `crop_top_left`
     (top, left) of the crop in the resized image, `target_size` (h, w) of the crop. Sizes are PIL (w, h).
 
-    A flipped sample is conditioned on its crop's corner in the flipped image (as diffusers' SDXL training
-    script does, flipping before cropping).
+    A flipped sample is conditioned on its crop's corner in the flipped image, as if it had been flipped
+    before cropping.
     """
     left, top = left_top
     if flip:
