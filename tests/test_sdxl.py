@@ -518,3 +518,21 @@ def test_text_cache_holds_both_encoders_and_the_pooled_embedding(tmp_path: Path,
     torch.testing.assert_close(item["caption_pooled"], pooled[0])
     torch.testing.assert_close(item["negative_caption_pooled"], pooled[1])
     assert item["original_size"].tolist() == [64, 64] and list((result.run_dir / "samples").glob("*.png"))
+
+
+def test_a_flipped_crop_is_recorded_in_the_flipped_image() -> None:
+    from PIL import ImageOps
+
+    image = _image(160, 64)  # landscape: cropped at a random left offset
+    transform = ImageTransform(64, center_crop=False, random_flip=True)
+    flipped_seen = False
+    for seed in range(8):
+        pixels, placed = transform.placed(image, torch.Generator().manual_seed(seed))
+        top, left = placed["crop_top_left"].tolist()
+        mirrored = ImageOps.mirror(image)
+        in_mirror = np.asarray(mirrored.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 127.5 - 1
+        in_image = np.asarray(image.crop((left, top, left + 64, top + 64)), dtype=np.float32) / 127.5 - 1
+        flipped = np.allclose(pixels.permute(1, 2, 0).numpy(), in_mirror)
+        assert flipped or np.allclose(pixels.permute(1, 2, 0).numpy(), in_image)
+        flipped_seen |= flipped and left != 160 - 64 - left
+    assert flipped_seen
