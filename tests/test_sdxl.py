@@ -101,7 +101,7 @@ def base(tiny_xl_dir):
 def assert_reproduces(got: list[torch.Tensor], want: list[torch.Tensor], base: list[torch.Tensor]) -> None:
     for g, w, b in zip(got, want, base):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-        assert (g - b).abs().max() > 1e-4, "the export has no effect"
+        assert (g - b).abs().max() > 1e-3, "the export has no effect"
 
 
 def test_run_writes_every_export_and_a_sample(run) -> None:
