@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
-from sdtune.data.shapes import BACKGROUNDS, COLOURS, SHAPES
-from sdtune.judge import Judge, Verdict
+from sdtune.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapeSpec, caption, render, sample_spec
+from sdtune.judge import Judge, Verdict, foreground, image_array
 
 FIELDS = ("shape", "colour", "background")
 SCHEMA_VERSION = 1
@@ -32,6 +32,7 @@ class Prompt:
     shape: str | None = None
     colour: str | None = None
     background: str | None = None
+    layout: ShapeSpec | None = field(default=None, compare=False)  # map-conditioned: the map to draw in
 
     def expected(self) -> dict[str, str]:
         return {f: getattr(self, f) for f in FIELDS if getattr(self, f) is not None}
@@ -65,6 +66,39 @@ def prompts_from_config(cfg: DictConfig) -> list[Prompt]:
     return grid_prompts(str(cfg.prompts), cfg.get("shapes"), cfg.get("colours"), cfg.get("backgrounds"))
 
 
+def with_layouts(prompts: list[Prompt], seed: int) -> list[Prompt]:
+    """For a map-conditioned model: each prompt with a random layout of its shape (a map to fill) and the
+    caption of that layout; shape, colour and background left open in the prompt are drawn too."""
+    placed = []
+    for index, prompt in enumerate(prompts):
+        rng = np.random.default_rng([seed, index, 11])
+        spec = sample_spec(
+            rng,
+            [prompt.shape] if prompt.shape else SHAPES,
+            [prompt.colour] if prompt.colour else tuple(COLOURS),
+            [prompt.background] if prompt.background else tuple(BACKGROUNDS),
+        )
+        placed.append(Prompt(caption(spec), spec.shape, spec.colour, spec.background, layout=spec))
+    return placed
+
+
+def map_component(conditioning: Any) -> Any:
+    """The conditioning component that takes a label map, if any."""
+    return next((c for c in conditioning.components.values() if getattr(c, "input", None) == "map"), None)
+
+
+def layout_map(spec: ShapeSpec, resolution: int) -> np.ndarray:
+    return render(spec, resolution)[1]
+
+
+def foreground_iou(image: Image.Image, label_map: np.ndarray) -> float:
+    """IoU of the judge's foreground (pixels far from the background) and the map's labelled pixels."""
+    drawn = foreground(image_array(image))[1]
+    wanted = label_map > 0
+    union = np.logical_or(drawn, wanted).sum()
+    return float(np.logical_and(drawn, wanted).sum() / union) if union else 1.0
+
+
 def check_prompts(prompts: list[Prompt]) -> list[str]:
     """Problems with expected values the judge cannot read (a typo would score 0% silently)."""
     known = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
@@ -91,10 +125,14 @@ def generate_set(
     from sdtune.sampling import generate, make_scheduler, to_pil
 
     jobs = [(p, settings.seed + i) for p in prompts for i in range(settings.per_prompt)]
+    maps = map_component(conditioning)
     results = []
     for start in range(0, len(jobs), settings.batch_size):
         chunk = jobs[start : start + settings.batch_size]
-        batch = {"caption": [p.text for p, _ in chunk], "negative_caption": [""] * len(chunk)}
+        batch: dict[str, Any] = {"caption": [p.text for p, _ in chunk], "negative_caption": [""] * len(chunk)}
+        if maps is not None:
+            labels = [torch.from_numpy(layout_map(p.layout, resolution)).long() for p, _ in chunk]
+            batch[maps.key] = torch.stack(labels).to(unet.device)
         with torch.no_grad():
             images = generate(
                 unet,
@@ -158,6 +196,8 @@ def evaluate(
     """(report, images): generate `settings`' prompt set and score it."""
     judge = judge or Judge.load()
     prompts = prompts_from_config(settings)
+    if map_component(conditioning) is not None:
+        prompts = with_layouts(prompts, settings.seed)
     generated = generate_set(unet, vae, conditioning, scheduler_config, prompts, settings, resolution)
     verdicts = judge([image for _, _, image in generated])
     rows = [(p, seed, v) for (p, seed, _), v in zip(generated, verdicts)]
@@ -173,6 +213,11 @@ def evaluate(
             for p, seed, v in rows
         ],
     }
+    if map_component(conditioning) is not None:
+        ious = [foreground_iou(image, layout_map(p.layout, resolution)) for p, _, image in generated]
+        report["map_iou"] = {"mean": float(np.mean(ious)), "n": len(ious)}
+        for sample, iou in zip(report["samples"], ious):
+            sample["map_iou"] = iou
     return report, [image for _, _, image in generated]
 
 
@@ -192,4 +237,6 @@ def write_report(report: dict[str, Any], images: list[Image.Image], out_dir: Pat
 def summary_line(report: dict[str, Any]) -> str:
     overall = report["overall"]
     parts = [f"{f} {overall[f]:.1%}" for f in (*FIELDS, "all") if overall.get(f) is not None]
+    if "map_iou" in report:
+        parts.append(f"map IoU {report['map_iou']['mean']:.3f}")
     return f"n={overall['n']}: " + ", ".join(parts)

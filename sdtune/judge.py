@@ -3,8 +3,9 @@
 Colours are measured, not learned: the background is the median of the image border (shapes never touch it),
 the foreground is every pixel far from that background, and each is named by the nearest palette colour.
 The shape is named by a small CNN that sees only the foreground mask, so it does not care about colours; it is
-trained on fresh renders of every class (held-out ones included) with blur and noise, so that the softer
-edges of generated images do not fool it. Its weights ship in `sdtune/assets/judge.safetensors`;
+trained on fresh renders of every class (held-out ones included), half of them with blur and noise and half
+passed through the tiny stack's autoencoder, so that the softer edges and small blemishes of generated images
+do not fool it. Its weights ship in `sdtune/assets/judge.safetensors`;
 `scripts/train_judge.py` re-trains them and reports the accuracy on fresh renders.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,15 +150,30 @@ def render_batch(
     return torch.from_numpy(masks).float(), torch.tensor(labels), images
 
 
-def train_shape_net(steps: int, batch_size: int = 64, resolution: int = 64, seed: int = 0) -> ShapeNet:
-    """Train the shape classifier on fresh degraded renders (deterministic for a seed)."""
+@torch.no_grad()
+def reconstruct(vae: Any, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Images (H, W, 3 in 0..255) through an autoencoder and back: its blemishes are what generated images have."""
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    decoded = vae.decode(vae.encode(pixels).latent_dist.sample()).sample.clamp(-1, 1)
+    return list(((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round())
+
+
+def train_shape_net(
+    steps: int, batch_size: int = 64, resolution: int = 64, seed: int = 0, vae: Any = None
+) -> ShapeNet:
+    """Train the shape classifier on fresh degraded renders (deterministic for a seed); with `vae`, half of
+    every batch goes through it first."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = ShapeNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     for _ in range(steps):
-        masks, labels, _ = render_batch(rng, batch_size, resolution, degraded=True)
+        masks, labels, images = render_batch(rng, batch_size, resolution, degraded=vae is None)
+        if vae is not None:
+            half = batch_size // 2
+            mixed = reconstruct(vae, images[:half]) + [degrade(image, rng) for image in images[half:]]
+            masks = torch.from_numpy(np.stack([foreground(image)[0] for image in mixed])[:, None]).float()
         loss = nn.functional.cross_entropy(net(masks), labels)
         optimizer.zero_grad()
         loss.backward()

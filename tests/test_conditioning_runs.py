@@ -176,3 +176,17 @@ def test_representation_projection_trains_and_is_saved(representation_run, tmp_p
     vector = sorted((data_root(representation_run) / "images").glob("*.npy"))[0]
     paths = sample(sample_cfg(representation_run, tmp_path / "r.png", f"representation={vector}"))
     assert np.asarray(Image.open(paths[0])).shape == (64, 64, 3)
+
+
+def test_evaluate_scores_map_iou_of_a_map_conditioned_run(semantic_run, tmp_path: Path) -> None:
+    from sdtune.evaluate import run
+
+    cfg = compose_config(
+        "evaluate",
+        [f"source={semantic_run.run_dir}", f"out={tmp_path}", "shapes=[square]", "colours=[red]",
+         "backgrounds=[white, black]", "per_prompt=1", "steps=2", "judge_renders=0"],
+    )
+    report = json.loads(run(cfg).read_text())
+    assert report["map_iou"]["n"] == 2 and 0.0 <= report["map_iou"]["mean"] <= 1.0
+    assert [s["prompt"].split(" on ")[1] for s in report["samples"]] == ["a white background", "a black background"]
+    assert all("map_iou" in s for s in report["samples"])

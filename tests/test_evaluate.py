@@ -161,3 +161,13 @@ def test_evaluation_is_reproducible(tmp_path: Path, cache_dir: Path) -> None:
     assert first["samples"] == second["samples"]
     a = np.asarray(Image.open(tmp_path / "a" / "evaluation.png"))
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "evaluation.png")))
+
+
+def test_map_iou_of_a_render_with_its_own_map_is_high_and_of_a_moved_map_low() -> None:
+    from sdtune.evaluation import foreground_iou
+
+    spec = ShapeSpec("square", "blue", "white", cx=0.3, cy=0.3, size=0.2, rotation=0.0)
+    moved = ShapeSpec("square", "blue", "white", cx=0.7, cy=0.7, size=0.2, rotation=0.0)
+    image, label_map = render(spec, 64)
+    assert foreground_iou(image, label_map) >= 0.9
+    assert foreground_iou(image, render(moved, 64)[1]) == 0.0

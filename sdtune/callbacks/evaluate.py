@@ -66,5 +66,7 @@ class EvaluateCallback(pl.Callback):
         write_report(report, images, self.out, f"step_{trainer.global_step:06d}")
         pl_module.print(f"evaluation at step {trainer.global_step}: {summary_line(report)}")
         metrics = {f"eval/{k}": v for k, v in report["overall"].items() if k != "n" and v is not None}
+        if "map_iou" in report:
+            metrics["eval/map_iou"] = report["map_iou"]["mean"]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -119,7 +119,8 @@ def load_pretrained_weights(pipe: Any) -> None:
     pretrained_files()
     for name in COMPONENTS:
         state = load_file(PRETRAINED_DIR / f"{name}.safetensors")
-        getattr(pipe, name).load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        getattr(pipe, name).load_state_dict(state, strict=True)
     vae_facts = json.loads((PRETRAINED_DIR / "vae.json").read_text())
     pipe.vae.register_to_config(scaling_factor=vae_facts["scaling_factor"])
 
