@@ -47,7 +47,9 @@ def run(args: list[str]) -> str:
 
 
 def evaluate(source: str, out: Path, name: str, *overrides: str) -> dict[str, Any]:
-    path = run(["sdtune.evaluate", f"source={source}", f"out={out}", f"name={name}", "overwrite=true", *overrides])
+    path = run(
+        ["sdtune.evaluate", f"source={source}", f"out={out}", f"name={name}", "overwrite=true", *overrides]
+    )
     return json.loads(Path(path).read_text())
 
 
@@ -65,8 +67,9 @@ def base(out: Path) -> dict[str, Any]:
 def lora(out: Path, scale: float) -> dict[str, Any]:
     star = ["shapes=[star]", "per_prompt=2"]
     before = evaluate("tiny", out / "eval", "lora_before", *star)
-    run_dir, seconds = train(out, "lora_new_shape", "+experiment=lora_new_shape",
-                             f"trainer.max_steps={int(400 * scale)}")
+    run_dir, seconds = train(
+        out, "lora_new_shape", "+experiment=lora_new_shape", f"trainer.max_steps={int(400 * scale)}"
+    )
     after = evaluate(run_dir, out / "eval", "lora_after", *star)
     untrained = [c for c in COLOURS if c not in TRAINED_COLOURS]
     unseen = [s for s in after["samples"] if s["expected"]["colour"] in untrained]
@@ -75,7 +78,9 @@ def lora(out: Path, scale: float) -> dict[str, Any]:
         "star_shape_accuracy_before": before["overall"]["shape"],
         "star_shape_accuracy_after": after["overall"]["shape"],
         "colour_accuracy_after": after["overall"]["colour"],
-        "colour_accuracy_untrained_colours": sum(s["judged"]["colour"] == s["expected"]["colour"] for s in unseen)
+        "colour_accuracy_untrained_colours": sum(
+            s["judged"]["colour"] == s["expected"]["colour"] for s in unseen
+        )
         / len(unseen),
         "shape_accuracy_untrained_colours": sum(s["judged"]["shape"] == "star" for s in unseen) / len(unseen),
     }
@@ -84,8 +89,10 @@ def lora(out: Path, scale: float) -> dict[str, Any]:
 def dreambooth(out: Path, scale: float) -> dict[str, Any]:
     instance_prompt, class_prompt = "a sks hexagon", "a hexagon"
     class_set = ["prompts=[{text: 'a hexagon', shape: hexagon}]", "per_prompt=48"]
-    instance_set = [f"prompts=[{{text: '{instance_prompt}', shape: hexagon, colour: purple, background: gray}}]",
-                    "per_prompt=24"]
+    instance_set = [
+        f"prompts=[{{text: '{instance_prompt}', shape: hexagon, colour: purple, background: gray}}]",
+        "per_prompt=24",
+    ]
     base_class = evaluate("tiny", out / "eval", "db_base_class", *class_set)
     common = [
         "+experiment=dreambooth",
@@ -97,28 +104,46 @@ def dreambooth(out: Path, scale: float) -> dict[str, Any]:
         f"trainer.max_steps={int(300 * scale)}",
     ]
     result: dict[str, Any] = {"base_class_colours": base_class["drawn"]["colour"]}
-    for label, prior in (("without_prior", ["data.class_prompt=null"]),
-                         ("with_prior", [f"data.class_prompt='{class_prompt}'"])):
+    for label, prior in (
+        ("without_prior", ["data.class_prompt=null"]),
+        ("with_prior", [f"data.class_prompt='{class_prompt}'"]),
+    ):
         run_dir, seconds = train(out, f"dreambooth_{label}", *common, *prior)
         drift = evaluate(run_dir, out / "eval", f"db_{label}_class", *class_set)
         instance = evaluate(run_dir, out / "eval", f"db_{label}_instance", *instance_set)
         result[label] = {
             "train_seconds": round(seconds),
             "class_colours": drift["drawn"]["colour"],
-            "class_colour_tv_from_base": total_variation(drift["drawn"]["colour"], base_class["drawn"]["colour"]),
+            "class_colour_tv_from_base": total_variation(
+                drift["drawn"]["colour"], base_class["drawn"]["colour"]
+            ),
             "instance_reproduced": instance["overall"]["all"],
         }
     return result
 
 
 def semantic(out: Path, scale: float) -> dict[str, Any]:
-    run_dir, seconds = train(out, "semantic", "+experiment=semantic", "model.weights=pretrained",
-                             f"trainer.max_steps={int(300 * scale)}")
+    run_dir, seconds = train(
+        out,
+        "semantic",
+        "+experiment=semantic",
+        "model.weights=pretrained",
+        f"trainer.max_steps={int(300 * scale)}",
+    )
     report = evaluate(run_dir, out / "eval", "semantic", "per_prompt=1")
-    return {"train_seconds": round(seconds), "map_iou": report["map_iou"]["mean"], "overall": report["overall"]}
+    return {
+        "train_seconds": round(seconds),
+        "map_iou": report["map_iou"]["mean"],
+        "overall": report["overall"],
+    }
 
 
-BENCHMARKS = {"base": lambda out, scale: base(out), "lora": lora, "dreambooth": dreambooth, "semantic": semantic}
+BENCHMARKS = {
+    "base": lambda out, scale: base(out),
+    "lora": lora,
+    "dreambooth": dreambooth,
+    "semantic": semantic,
+}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Copy a pretrained tiny stack (a +experiment=pretrain run's pipeline/) into the package, as fp16 safetensors.
+"""Copy a pretrained tiny stack (a +experiment=pretrain run's pipeline/) into the package, in fp16.
 
     python scripts/ship_tiny_weights.py outputs/<pretrain run>/pipeline
 
@@ -12,14 +12,16 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from sdtune.io import atomic_path, atomic_write_text
 from sdtune.models.tiny import COMPONENTS, PRETRAINED_DIR, build_tiny_pipeline
 
-FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-         "text_encoder": "model.safetensors"}
+FILES = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
 
 
 def main() -> None:
@@ -36,7 +38,9 @@ def main() -> None:
         with atomic_path(args.out / f"{name}.safetensors") as tmp:
             save_file(half, str(tmp))
     vae_config = json.loads((args.pipeline / "vae" / "config.json").read_text())
-    atomic_write_text(args.out / "vae.json", json.dumps({"scaling_factor": vae_config["scaling_factor"]}) + "\n")
+    atomic_write_text(
+        args.out / "vae.json", json.dumps({"scaling_factor": vae_config["scaling_factor"]}) + "\n"
+    )
     print(args.out)
 
 

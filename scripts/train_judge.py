@@ -1,6 +1,6 @@
 """Re-train the shapes-world judge's shape classifier and write `sdtune/assets/judge.safetensors`.
 
-    python scripts/train_judge.py [--steps 1500] [--vae <diffusers vae folder>] [--out sdtune/assets/judge.safetensors]
+    python scripts/train_judge.py [--steps 1500] [--vae <vae folder>] [--out sdtune/assets/judge.safetensors]
 
 Half of each training batch goes through the pretrained tiny stack's autoencoder (or `--vae`), half is blurred
 and noised.
@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=JUDGE_WEIGHTS)
-    parser.add_argument("--vae", type=Path, default=None, help="a diffusers VAE folder (default: the pretrained tiny stack's)")
+    parser.add_argument(
+        "--vae", type=Path, default=None, help="a diffusers VAE folder (default: the pretrained tiny stack's)"
+    )
     args = parser.parse_args()
     net = train_shape_net(args.steps, seed=args.seed, vae=load_vae(args.vae))
     accuracy = accuracy_on_renders(Judge(net), count=1200, seed=args.seed + 1)

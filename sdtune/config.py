@@ -253,7 +253,7 @@ def _check_shape_choices(section: DictConfig, key: str, report: Report) -> None:
             continue
         unknown = [name for name in chosen if name not in known]
         if unknown or len(chosen) == 0:
-            report(f"{key}.{field}: {list(chosen)} must be a non-empty list from {list(known)} (or null = all)")
+            report(f"{key}.{field}: {list(chosen)} must be a non-empty list from {list(known)} or null (all)")
 
 
 def _check_evaluation(cfg: DictConfig, report: Report) -> None:
@@ -265,7 +265,8 @@ def _check_evaluation(cfg: DictConfig, report: Report) -> None:
         return
     _check_shape_choices(evaluation, "evaluation", report)
     if evaluation.scheduler not in SCHEDULERS:
-        report(f"evaluation.scheduler: unknown scheduler {evaluation.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        valid = ", ".join(SCHEDULERS)
+        report(f"evaluation.scheduler: unknown scheduler {evaluation.scheduler!r}; valid: {valid}")
     try:
         for problem in check_prompts(prompts_from_config(evaluation)):
             report(f"evaluation.{problem}")

@@ -1,8 +1,8 @@
 """Generate a fixed prompt set with fixed seeds and score it with the shapes-world judge.
 
-Used by `python -m sdtune.evaluate` (a run directory or a base model) and by `EvaluateCallback` (the model being
-trained). A prompt set is a list of `Prompt`s: the text, and what the judge should read off its images (any of
-shape, colour, background; what is left out is not scored, but its distribution is still reported).
+Used by `python -m sdtune.evaluate` (a run directory or a base model) and by `EvaluateCallback` (the model
+being trained). A prompt set is a list of `Prompt`s: the text, and what the judge should read off its images
+(any of shape, colour, background; what is left out is not scored, but its distribution is still reported).
 """
 
 from __future__ import annotations
@@ -104,9 +104,10 @@ def check_prompts(prompts: list[Prompt]) -> list[str]:
     known = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
     problems = []
     for prompt in prompts:
-        for field, value in prompt.expected().items():
-            if value not in known[field]:
-                problems.append(f"prompts: {prompt.text!r}: {field} {value!r} is not one of {list(known[field])}")
+        for name, value in prompt.expected().items():
+            if value not in known[name]:
+                choices = list(known[name])
+                problems.append(f"prompts: {prompt.text!r}: {name} {value!r} is not one of {choices}")
     return problems
 
 
@@ -153,11 +154,12 @@ def generate_set(
 
 def score(samples: list[tuple[Prompt, int, Verdict]]) -> dict[str, Any]:
     """Accuracies overall and per prompted shape, plus the distribution of what was drawn."""
+
     def accuracy(rows: list[tuple[Prompt, int, Verdict]]) -> dict[str, Any]:
         result: dict[str, Any] = {"n": len(rows)}
-        for field in FIELDS:
-            scored = [getattr(v, field) == p.expected()[field] for p, _, v in rows if field in p.expected()]
-            result[field] = float(np.mean(scored)) if scored else None
+        for name in FIELDS:
+            scored = [getattr(v, name) == p.expected()[name] for p, _, v in rows if name in p.expected()]
+            result[name] = float(np.mean(scored)) if scored else None
         exact = [all(getattr(v, f) == e for f, e in p.expected().items()) for p, _, v in rows]
         result["all"] = float(np.mean(exact)) if exact else None
         return result
@@ -168,9 +170,7 @@ def score(samples: list[tuple[Prompt, int, Verdict]]) -> dict[str, Any]:
     return {
         "overall": accuracy(samples),
         "per_shape": {shape: accuracy(rows) for shape, rows in sorted(by_shape.items())},
-        "drawn": {
-            field: distribution([getattr(v, field) for _, _, v in samples]) for field in FIELDS
-        },
+        "drawn": {field: distribution([getattr(v, field) for _, _, v in samples]) for field in FIELDS},
     }
 
 
@@ -222,7 +222,7 @@ def evaluate(
 
 
 def write_report(report: dict[str, Any], images: list[Image.Image], out_dir: Path, stem: str) -> Path:
-    """`<stem>.json` and `<stem>.png` (the images in prompt order, a row per prompt) in `out_dir`, atomically."""
+    """`<stem>.json` and `<stem>.png` (the images in prompt order) in `out_dir`, written atomically."""
     from sdtune.io import atomic_path, atomic_write_text
     from sdtune.sampling import make_grid
 

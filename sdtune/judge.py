@@ -52,7 +52,12 @@ class ShapeNet(nn.Module):
         layers: list[nn.Module] = []
         channels = [1, 16, 32, 64, 64]
         for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.GroupNorm(8, c_out),
+                nn.SiLU(),
+                nn.MaxPool2d(2),
+            ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64 * 4, len(SHAPES)))
 
@@ -152,7 +157,7 @@ def render_batch(
 
 @torch.no_grad()
 def reconstruct(vae: Any, images: list[np.ndarray]) -> list[np.ndarray]:
-    """Images (H, W, 3 in 0..255) through an autoencoder and back: its blemishes are what generated images have."""
+    """Images (H, W, 3 in 0..255) through an autoencoder and back: blemishes like generated images have."""
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     decoded = vae.decode(vae.encode(pixels).latent_dist.sample()).sample.clamp(-1, 1)
     return list(((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round())

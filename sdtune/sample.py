@@ -173,7 +173,7 @@ def load_lora(stack: Any, path: str) -> None:
 
 
 def load_source(cfg: DictConfig) -> tuple[Any, Any, int]:
-    """(stack, conditioning, native resolution) of `cfg.source` with its LoRA / embedding / conditioning weights."""
+    """(stack, conditioning, native resolution) of `cfg.source`, with its LoRA / embedding / conditioning."""
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
     from sdtune.models.textual_inversion import load_embedding

@@ -183,10 +183,19 @@ def test_evaluate_scores_map_iou_of_a_map_conditioned_run(semantic_run, tmp_path
 
     cfg = compose_config(
         "evaluate",
-        [f"source={semantic_run.run_dir}", f"out={tmp_path}", "shapes=[square]", "colours=[red]",
-         "backgrounds=[white, black]", "per_prompt=1", "steps=2", "judge_renders=0"],
+        [
+            f"source={semantic_run.run_dir}",
+            f"out={tmp_path}",
+            "shapes=[square]",
+            "colours=[red]",
+            "backgrounds=[white, black]",
+            "per_prompt=1",
+            "steps=2",
+            "judge_renders=0",
+        ],
     )
     report = json.loads(run(cfg).read_text())
     assert report["map_iou"]["n"] == 2 and 0.0 <= report["map_iou"]["mean"] <= 1.0
-    assert [s["prompt"].split(" on ")[1] for s in report["samples"]] == ["a white background", "a black background"]
+    backgrounds = [s["prompt"].split(" on ")[1] for s in report["samples"]]
+    assert backgrounds == ["a white background", "a black background"]
     assert all("map_iou" in s for s in report["samples"])

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from sdtune.config import ConfigError
@@ -117,8 +116,12 @@ def test_evaluate_refuses_bad_requests_before_loading(tmp_path: Path) -> None:
 def test_train_config_refuses_unknown_shape_names(train_cfg) -> None:
     from sdtune.config import validate
 
-    cfg = train_cfg("+experiment=lora", "data.shapes=[circle, blob]", "evaluation.every_n_steps=5",
-                    "evaluation.colours=[mauve]")
+    cfg = train_cfg(
+        "+experiment=lora",
+        "data.shapes=[circle, blob]",
+        "evaluation.every_n_steps=5",
+        "evaluation.colours=[mauve]",
+    )
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     assert "data.shapes" in str(error.value) and "evaluation.colours" in str(error.value)

@@ -24,7 +24,9 @@ def test_reconstruction_losses_report_psnr_of_the_mse() -> None:
     expected = losses["l1"] + losses["mse"] + 0.5 * losses["kl"]
     assert float(losses["loss"]) == pytest.approx(float(expected), rel=1e-5)
     losses["loss"].backward()
-    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0 and vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert (
+        vae.encoder.conv_in.weight.grad.abs().sum() > 0 and vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    )
 
 
 def test_pretrain_vae_trains_only_the_autoencoder_and_rescales_latents(train_cfg, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The shipped pretrained tiny base: it is what `model=tiny` loads, it draws what it is asked, and a short LoRA
-teaches it a shape class it never saw (loose versions of the README's quality benchmarks, sized for CI)."""
+"""The shipped pretrained tiny base: it is what `model=tiny` loads, it draws what it is asked, and a short
+LoRA teaches it a shape class it never saw (loose versions of the README's quality benchmarks, CI-sized)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def test_model_tiny_loads_the_shipped_weights(train_cfg, cache_dir: Path) -> Non
 def test_pretrained_base_draws_the_prompted_colour(tmp_path: Path, cache_dir: Path) -> None:
     report = evaluate("tiny", tmp_path, "shapes=[circle, square]", *SMALL_SET)
     assert report["overall"]["n"] == 24
-    assert report["overall"]["colour"] >= 0.6  # chance is 1/6; the README's benchmark measures the real figure
+    assert (
+        report["overall"]["colour"] >= 0.6
+    )  # chance is 1/6; the README's benchmark measures the real figure
     assert report["overall"]["background"] >= 0.8
 
 

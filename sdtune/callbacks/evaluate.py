@@ -1,7 +1,7 @@
 """Judge the shapes-world prompt set during training (`evaluation.every_n_steps`), like a validation loop.
 
-Each evaluation writes `eval/step_XXXXXX.json` + `.png` in the run directory and logs `eval/<field>` accuracies
-to the loggers. With an EMA of the weights (method=full) the averaged weights are judged.
+Each evaluation writes `eval/step_XXXXXX.json` + `.png` in the run directory and logs `eval/<field>`
+accuracies to the loggers. With an EMA of the weights (method=full) the averaged weights are judged.
 """
 
 from __future__ import annotations

@@ -107,7 +107,6 @@ def _used_layers(stack: Any, encoder: Any) -> list[int] | None:
     return list(range(encoder.config.num_hidden_layers - 1))
 
 
-
 METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
     "lora": apply_lora,
     "full": apply_full,
