@@ -30,6 +30,7 @@ from sdtune.data.shapes import COLOURS
 from sdtune.evaluation import total_variation
 
 TRAINED_COLOURS = ("red", "blue")
+THREADS = 0  # --threads: torch threads of each training run (0 = sdtune's default, the physical cores)
 INSTANCE = {"shape": "hexagon", "colour": "purple", "background": "gray"}
 
 
@@ -55,7 +56,8 @@ def evaluate(source: str, out: Path, name: str, *overrides: str) -> dict[str, An
 
 def train(out: Path, name: str, *overrides: str) -> tuple[str, float]:
     started = time.monotonic()
-    run_dir = run(["sdtune.train", f"paths.output_dir={out / name}", "logger=csv", *overrides])
+    threads = [f"runtime.threads={THREADS}"] if THREADS else []
+    run_dir = run(["sdtune.train", f"paths.output_dir={out / name}", "logger=csv", *threads, *overrides])
     return run_dir, time.monotonic() - started
 
 
@@ -151,7 +153,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("quality"))
     parser.add_argument("--only", default=",".join(BENCHMARKS))
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every training length")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = physical cores)")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the evaluations
     args.out.mkdir(parents=True, exist_ok=True)
     summary_path = args.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
