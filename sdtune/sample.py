@@ -41,7 +41,6 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
         {
             "family": source_family(cfg),
             "pretrained": pretrained,
-            "weights": "pretrained" if cfg.source == "tiny" else "random",
             "config": cfg.model_config,
             "revision": None,
             "variant": None,

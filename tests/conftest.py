@@ -28,9 +28,10 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(cache_dir: Path) -> Path:
+    """The folder `model=tiny` loads (the shipped pretrained weights)."""
     from sdtune.models.tiny import ensure_tiny_pipeline
 
-    return ensure_tiny_pipeline(cache_dir)
+    return ensure_tiny_pipeline(cache_dir, "pretrained")
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path | None = None) -> DictConfig:

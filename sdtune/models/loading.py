@@ -98,7 +98,8 @@ def load_stack(model: DictConfig, cache_dir: Path) -> Stack:
 
 def _ensure_tiny(model: DictConfig, cache_dir: Path) -> Path:
     """The embedded tiny stack of `model.family` (SDXL's for sdxl, else SD1.5's) as a diffusers folder."""
-    weights = model.get("weights", "random")
+    # Unset, SD1.5's tiny stack is the shipped pretrained one (as in conf/model/tiny.yaml); SDXL's has none.
+    weights = model.get("weights") or ("random" if model.family == "sdxl" else "pretrained")
     if model.family == "sdxl":
         if weights != "random":
             raise ConfigError(
