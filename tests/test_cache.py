@@ -168,7 +168,7 @@ def test_damaged_entries_are_detected_and_rebuilt(tmp_path, stack, conditioning)
     report = build(datamodule(data), stack, conditioning, cache)
     assert (report.latents_built, report.latents_reused) == (1, 3)
     # Re-encoded alone rather than in a batch of 4: equal up to the convolution's summation order.
-    torch.testing.assert_close(read_entry(path, key)["moments"], original["moments"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(read_entry(path, key)["moments"], original["moments"], rtol=1e-4, atol=1e-5)
 
     raw = bytearray(path.read_bytes())  # same length, flipped bits: caught by the checksum when read
     raw[-5] ^= 0xFF
