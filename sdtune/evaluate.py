@@ -32,6 +32,16 @@ def check(cfg: DictConfig) -> None:
     problems = []
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"scheduler: unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    for key in ("lora", "embedding"):
+        if cfg[key] is not None and not Path(cfg[key]).expanduser().is_file():
+            problems.append(f"{key}: file {cfg[key]!r} does not exist")
+    source = Path(str(cfg.source)).expanduser()
+    if (
+        cfg.source not in ("tiny", "tiny_xl")
+        and str(cfg.source).startswith((".", "/", "~"))
+        and not source.exists()
+    ):
+        problems.append(f"source: {cfg.source!r} does not exist; give a run directory, tiny, or a base model")
     for key in ("per_prompt", "steps", "batch_size"):
         if cfg[key] < 1:
             problems.append(f"{key}: must be >= 1, got {cfg[key]}")

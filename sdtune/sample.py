@@ -145,31 +145,9 @@ def load_conditioning_weights(cfg: DictConfig, conditioning: Any) -> None:
 
 def load_lora(stack: Any, path: str) -> None:
     """Apply a LoRA file to the stack's U-Net and text encoder(s) with diffusers' own loader."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from sdtune.models.loading import stack_pipeline
 
-    if stack.text_encoder_2 is not None:
-        pipe = StableDiffusionXLPipeline(
-            vae=stack.vae,
-            text_encoder=stack.text_encoder,
-            text_encoder_2=stack.text_encoder_2,
-            tokenizer=stack.tokenizer,
-            tokenizer_2=stack.tokenizer_2,
-            unet=stack.unet,
-            scheduler=stack.noise_scheduler,
-        )
-        pipe.load_lora_weights(path)
-        return
-    pipe = StableDiffusionPipeline(
-        vae=stack.vae,
-        text_encoder=stack.text_encoder,
-        tokenizer=stack.tokenizer,
-        unet=stack.unet,
-        scheduler=stack.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.load_lora_weights(path)
+    stack_pipeline(stack).load_lora_weights(path)
 
 
 def load_source(cfg: DictConfig) -> tuple[Any, Any, int]:

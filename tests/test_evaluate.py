@@ -108,9 +108,19 @@ def test_evaluate_refuses_bad_requests_before_loading(tmp_path: Path) -> None:
     from sdtune.evaluate import run
 
     with pytest.raises(ConfigError) as error:
-        run(evaluate_cfg("shapes=[circle, blob]", "scheduler=nope", "per_prompt=0", f"out={tmp_path}"))
+        run(
+            evaluate_cfg(
+                "shapes=[circle, blob]",
+                "scheduler=nope",
+                "per_prompt=0",
+                f"lora={tmp_path / 'missing.safetensors'}",
+                f"source={tmp_path / 'no_run'}",
+                f"out={tmp_path}",
+            )
+        )
     message = str(error.value)
     assert "'blob'" in message and "scheduler" in message and "per_prompt" in message
+    assert "lora: file" in message and "source:" in message
 
 
 def test_train_config_refuses_unknown_shape_names(train_cfg) -> None:

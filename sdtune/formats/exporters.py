@@ -248,30 +248,18 @@ def _merged(model: Any) -> Any:
 
 def export_merged(ctx: ExportContext, out: Path) -> Path:
     """A full diffusers pipeline folder (`from_pretrained`) with the LoRA merged into the base."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from sdtune.models.loading import assemble_pipeline
 
     unet, text_encoder = merged_models(ctx)
-    if ctx.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=ctx.vae,
-            text_encoder=text_encoder,
-            text_encoder_2=_merged(ctx.text_encoder_2),
-            tokenizer=ctx.tokenizer,
-            tokenizer_2=ctx.tokenizer_2,
-            unet=unet,
-            scheduler=ctx.scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=ctx.vae,
-            text_encoder=text_encoder,
-            tokenizer=ctx.tokenizer,
-            unet=unet,
-            scheduler=ctx.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipe = assemble_pipeline(
+        vae=ctx.vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=ctx.tokenizer,
+        scheduler=ctx.scheduler,
+        text_encoder_2=_merged(ctx.text_encoder_2) if ctx.family == "sdxl" else None,
+        tokenizer_2=ctx.tokenizer_2,
+    )
     with atomic_path(Path(out)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(out)

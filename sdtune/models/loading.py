@@ -120,6 +120,46 @@ def pipeline_class(family: str) -> Any:
     return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
+def assemble_pipeline(
+    *,
+    vae: Any,
+    unet: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    scheduler: Any,
+    text_encoder_2: Any = None,
+    tokenizer_2: Any = None,
+) -> Any:
+    """A diffusers pipeline around these components: SDXL's when there is a second text encoder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = {
+        "vae": vae,
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(**common, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    return StableDiffusionPipeline(
+        **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def stack_pipeline(stack: Stack) -> Any:
+    """The loaded stack as a diffusers pipeline (sharing its modules), for diffusers' own loaders."""
+    return assemble_pipeline(
+        vae=stack.vae,
+        unet=stack.unet,
+        text_encoder=stack.text_encoder,
+        tokenizer=stack.tokenizer,
+        scheduler=stack.noise_scheduler,
+        text_encoder_2=stack.text_encoder_2,
+        tokenizer_2=stack.tokenizer_2,
+    )
+
+
 def _pipeline_kwargs(model: DictConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if model.family != "sdxl":  # SDXL pipelines have no safety checker

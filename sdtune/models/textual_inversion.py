@@ -70,7 +70,6 @@ def load_embedding(stack: Any, path: str, token: str | None = None) -> str:
 
     Uses diffusers' own textual-inversion loader, then records the placeholder expansion for our sampler.
     """
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     state = load_file(path)
@@ -80,17 +79,9 @@ def load_embedding(stack: Any, path: str, token: str | None = None) -> str:
     token = token or (key if key != "emb_params" else None)
     if token is None:
         raise ValueError(f"{path}: an A1111 embedding is named by its file; pass token=<word> to use it")
-    pipe = StableDiffusionPipeline(
-        vae=stack.vae,
-        text_encoder=stack.text_encoder,
-        tokenizer=stack.tokenizer,
-        unet=stack.unet,
-        scheduler=stack.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.load_textual_inversion(path, token=token)
+    from sdtune.models.loading import stack_pipeline
+
+    stack_pipeline(stack).load_textual_inversion(path, token=token)
     register_placeholder(
         stack, token, placeholder_tokens(token, tensor.reshape(-1, tensor.shape[-1]).shape[0])
     )
