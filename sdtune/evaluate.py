@@ -28,6 +28,7 @@ def output_dir(cfg: DictConfig) -> Path:
 def check(cfg: DictConfig) -> None:
     """Every problem with the request, before any model loads."""
     from sdtune.evaluation import check_prompts, prompts_from_config
+    from sdtune.sample import source_problems
 
     problems = []
     if cfg.scheduler not in SCHEDULERS:
@@ -35,13 +36,7 @@ def check(cfg: DictConfig) -> None:
     for key in ("lora", "embedding"):
         if cfg[key] is not None and not Path(cfg[key]).expanduser().is_file():
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
-    source = Path(str(cfg.source)).expanduser()
-    if (
-        cfg.source not in ("tiny", "tiny_xl")
-        and str(cfg.source).startswith((".", "/", "~"))
-        and not source.exists()
-    ):
-        problems.append(f"source: {cfg.source!r} does not exist; give a run directory, tiny, or a base model")
+    problems += source_problems(cfg)
     for key in ("per_prompt", "steps", "batch_size"):
         if cfg[key] < 1:
             problems.append(f"{key}: must be >= 1, got {cfg[key]}")

@@ -53,6 +53,21 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
     return model, text, cfg.lora, cfg.embedding, native
 
 
+def source_problems(cfg: DictConfig) -> list[str]:
+    """What is wrong with `cfg.source` as a local path, before anything is loaded (hub ids pass)."""
+    if cfg.source in ("tiny", "tiny_xl") or not str(cfg.source).startswith((".", "/", "~")):
+        return []
+    source = Path(str(cfg.source)).expanduser()
+    if not source.exists():
+        return [f"source: {cfg.source!r} does not exist; give a run directory, tiny, or a base model"]
+    if source.is_dir() and not (source / MANIFEST).is_file() and not (source / "model_index.json").is_file():
+        return [
+            f"source: {cfg.source!r} is neither a finished sdtune run (no {MANIFEST}: a run that stopped "
+            "early has only checkpoints/; resume it to finish) nor a diffusers folder (no model_index.json)"
+        ]
+    return []
+
+
 def source_family(cfg: DictConfig) -> str:
     """The family of a base-model source: `cfg.family` if set, `sdxl` for tiny_xl or a folder holding an
     SDXL pipeline (its `model_index.json`), else sd1 (SD2 models sample the same way)."""
@@ -75,7 +90,8 @@ def check(cfg: DictConfig) -> None:
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
     if cfg.steps < 1:
         problems.append(f"steps: must be >= 1, got {cfg.steps}")
-    problems += input_problems(cfg, source_configs(cfg)[1])
+    source_bad = source_problems(cfg)
+    problems += source_bad or input_problems(cfg, source_configs(cfg)[1])
     targets = output_paths(Path(cfg.out), len(prompts_of(cfg)) * cfg.num_images)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not cfg.overwrite:

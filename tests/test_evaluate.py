@@ -122,6 +122,11 @@ def test_evaluate_refuses_bad_requests_before_loading(tmp_path: Path) -> None:
     assert "'blob'" in message and "scheduler" in message and "per_prompt" in message
     assert "lora: file" in message and "source:" in message
 
+    unfinished = tmp_path / "stopped_run"
+    (unfinished / "checkpoints").mkdir(parents=True)  # what a run killed before its export leaves
+    with pytest.raises(ConfigError, match="neither a finished sdtune run"):
+        run(evaluate_cfg(f"source={unfinished}", f"out={tmp_path / 'eval'}"))
+
 
 def test_train_config_refuses_unknown_shape_names(train_cfg) -> None:
     from sdtune.config import validate

@@ -58,3 +58,11 @@ def test_bad_inputs_are_refused_before_loading(tmp_path: Path) -> None:
     assert "none.safetensors" in message
     assert "overwrite=true" in message
     assert existing.read_bytes() == b"user file"
+
+
+def test_a_source_that_is_no_run_and_no_pipeline_is_named(tmp_path: Path) -> None:
+    stopped = tmp_path / "run"
+    (stopped / "checkpoints").mkdir(parents=True)
+    for source, expected in ((tmp_path / "absent", "does not exist"), (stopped, "no manifest.json")):
+        with pytest.raises(ConfigError, match=expected):
+            sample(sample_cfg(f"source={source}", "prompt=x", f"out={tmp_path / 'out'}"))
