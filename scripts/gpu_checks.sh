@@ -64,7 +64,7 @@ cat /tmp/pretrain_data.log | tail -2
 if [ "$TRAIN" -gt 30 ]; then
   timeout $((TRAIN + 90)) python3 -m sdtune.train +experiment=pretrain vae_run=none model.pretrained=null \
     data.num_images=$PRE_IMAGES "data.shapes=$PRE_SHAPES" data.batch_size=512 data.num_workers=12 \
-    trainer.max_steps=1000000 "+trainer.max_time=$(printf '00:00:%02d:%02d' $((TRAIN / 60)) $((TRAIN % 60)))" trainer.log_every_n_steps=100 \
+    trainer.max_steps=1000000 "trainer.max_time=$(printf '00:00:%02d:%02d' $((TRAIN / 60)) $((TRAIN % 60)))" trainer.log_every_n_steps=100 \
     evaluation.every_n_steps=0 sampling.prompts=[] callbacks.checkpoint.every_n_train_steps=2000 \
     paths.cache_dir=/tmp/sdtune-cache hydra.run.dir=/tmp/pretrain >/tmp/pretrain.log 2>&1
   grep -v "━" /tmp/pretrain.log | tail -15

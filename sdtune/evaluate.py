@@ -28,6 +28,7 @@ def output_dir(cfg: DictConfig) -> Path:
 def check(cfg: DictConfig) -> None:
     """Every problem with the request, before any model loads."""
     from sdtune.evaluation import check_prompts, prompts_from_config
+    from sdtune.metrics import metric_problems
     from sdtune.sample import source_problems
 
     problems = []
@@ -37,6 +38,7 @@ def check(cfg: DictConfig) -> None:
         if cfg[key] is not None and not Path(cfg[key]).expanduser().is_file():
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
     problems += source_problems(cfg)
+    problems += metric_problems(cfg.metrics)
     for key in ("per_prompt", "steps", "batch_size"):
         if cfg[key] < 1:
             problems.append(f"{key}: must be >= 1, got {cfg[key]}")
@@ -59,6 +61,7 @@ def run(cfg: DictConfig) -> Path:
     """Evaluate `cfg.source`; returns the JSON report's path."""
     from sdtune.evaluation import evaluate, summary_line, write_report
     from sdtune.judge import Judge, accuracy_on_renders
+    from sdtune.metrics import compute_metrics
     from sdtune.sample import load_source
 
     check(cfg)
@@ -74,6 +77,11 @@ def run(cfg: DictConfig) -> Path:
         judge,
     )
     report["source"] = str(cfg.source)
+    measured = compute_metrics(
+        cfg.metrics, images, [s["prompt"] for s in report["samples"]], cfg.resolution or native
+    )
+    if measured:
+        report["metrics"] = measured
     if cfg.judge_renders:
         report["judge"] = {"accuracy_on_fresh_renders": accuracy_on_renders(judge, cfg.judge_renders, seed=1)}
     path = write_report(report, images, output_dir(cfg), cfg.name)

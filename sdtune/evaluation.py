@@ -239,4 +239,9 @@ def summary_line(report: dict[str, Any]) -> str:
     parts = [f"{f} {overall[f]:.1%}" for f in (*FIELDS, "all") if overall.get(f) is not None]
     if "map_iou" in report:
         parts.append(f"map IoU {report['map_iou']['mean']:.3f}")
+    metrics = report.get("metrics", {})
+    if "clip_score" in metrics:
+        parts.append(f"CLIP score {metrics['clip_score']['mean']:.2f}")
+    if "fid" in metrics:
+        parts.append(f"FID ({metrics['fid']['features']}) {metrics['fid']['value']:.2f}")
     return f"n={overall['n']}: " + ", ".join(parts)
