@@ -15,7 +15,6 @@ from omegaconf import DictConfig
 
 from sdtune.config import ConfigError
 from sdtune.run import MANIFEST
-from sdtune.sampling import SCHEDULERS
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -29,17 +28,10 @@ def check(cfg: DictConfig) -> None:
     """Every problem with the request, before any model loads."""
     from sdtune.evaluation import check_prompts, prompts_from_config
     from sdtune.metrics import metric_problems
-    from sdtune.sample import source_problems
+    from sdtune.sample import request_problems
 
-    problems = []
-    if cfg.scheduler not in SCHEDULERS:
-        problems.append(f"scheduler: unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-    for key in ("lora", "embedding"):
-        if cfg[key] is not None and not Path(cfg[key]).expanduser().is_file():
-            problems.append(f"{key}: file {cfg[key]!r} does not exist")
-    problems += source_problems(cfg)
-    problems += metric_problems(cfg.metrics)
-    for key in ("per_prompt", "steps", "batch_size"):
+    problems = request_problems(cfg) + metric_problems(cfg.metrics)
+    for key in ("per_prompt", "batch_size"):
         if cfg[key] < 1:
             problems.append(f"{key}: must be >= 1, got {cfg[key]}")
     try:

@@ -81,7 +81,8 @@ def source_family(cfg: DictConfig) -> str:
     return "sd1"
 
 
-def check(cfg: DictConfig) -> None:
+def request_problems(cfg: DictConfig) -> list[str]:
+    """What `sdtune.sample` and `sdtune.evaluate` both check: scheduler, adapter files, the source."""
     problems = []
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"scheduler: unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
@@ -90,8 +91,13 @@ def check(cfg: DictConfig) -> None:
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
     if cfg.steps < 1:
         problems.append(f"steps: must be >= 1, got {cfg.steps}")
-    source_bad = source_problems(cfg)
-    problems += source_bad or input_problems(cfg, source_configs(cfg)[1])
+    return problems + source_problems(cfg)
+
+
+def check(cfg: DictConfig) -> None:
+    problems = request_problems(cfg)
+    if not source_problems(cfg):
+        problems += input_problems(cfg, source_configs(cfg)[1])
     targets = output_paths(Path(cfg.out), len(prompts_of(cfg)) * cfg.num_images)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not cfg.overwrite:
