@@ -61,7 +61,7 @@ def test_one_hot_resizing_keeps_class_boundaries() -> None:
     labels = torch.full((1, 64, 64), 2)
     labels[:, :, :21] = 1  # boundary at pixel column 21: not on an 8-pixel block edge
     labels[:, 40:48] = 255  # an ignored band
-    one_hot = one_hot_resized(labels, num_classes=3, size=(8, 8), ignore_index=255)
+    one_hot = one_hot_resized(labels, num_classes=3, size=(8, 8), ignore_index=255, mode="nearest")
     assert one_hot.shape == (1, 3, 8, 8)
     assert set(one_hot.unique().tolist()) <= {0.0, 1.0}, "nearest-neighbour never blends classes"
     # Each latent pixel takes the class at the centre of its 8x8 block (pixel 8i + 4).
@@ -71,6 +71,19 @@ def test_one_hot_resizing_keeps_class_boundaries() -> None:
     assert one_hot[0, :, 5].sum() == 0, "ignore_index rows become all-zero vectors"
     # Block centres 4, 12, 20 lie left of the boundary at 21: the class edge stays where it was (21/8 ≈ 2.6).
     assert torch.equal(one_hot[0, 1, 0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0]))
+
+
+def test_area_resizing_keeps_where_a_boundary_lies_inside_a_block() -> None:
+    labels = torch.full((1, 64, 64), 2)
+    labels[:, :, :21] = 1  # columns 16..20 of block 2 (16..23) are class 1: 5 of its 8 columns
+    labels[:, 40:44] = 255  # half of block row 5 ignored
+    shares = one_hot_resized(labels, num_classes=3, size=(8, 8), ignore_index=255, mode="area")
+    assert shares.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(shares[0, 1, 0], torch.tensor([1.0, 1, 5 / 8, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(shares[0, 2, 0], torch.tensor([0.0, 0, 3 / 8, 1, 1, 1, 1, 1]))
+    assert shares[0, 0].sum() == 0
+    torch.testing.assert_close(shares[0, :, 5].sum(0), torch.full((8,), 0.5))  # ignored pixels: no class
+    torch.testing.assert_close(shares[0, :, 0].sum(0), torch.ones(8))
 
 
 # ---- semantic data -----------------------------------------------------------------------------------------

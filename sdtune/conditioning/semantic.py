@@ -12,13 +12,22 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+RESIZE_MODES = ("area", "nearest")
 
-def one_hot_resized(labels: Tensor, num_classes: int, size: tuple[int, int], ignore_index: int) -> Tensor:
-    """(B, H, W) class ids → (B, num_classes, h, w) one-hot at `size`, resized nearest-neighbour.
 
-    Each output pixel takes the class at the centre of its block of input pixels ("nearest-exact"), so class
-    boundaries stay sharp and where they were, never blended. `ignore_index` pixels become all-zero vectors.
+def one_hot_resized(
+    labels: Tensor, num_classes: int, size: tuple[int, int], ignore_index: int, mode: str = "area"
+) -> Tensor:
+    """(B, H, W) class ids → (B, num_classes, h, w) class channels at `size`; `ignore_index` is no class.
+
+    area: each latent pixel holds the fraction of its block of input pixels in each class, so a boundary
+    inside a block still shows where it lies (an 8× smaller latent would otherwise quantise every outline to
+    8 pixels). nearest: each latent pixel takes the class at the centre of its block ("nearest-exact").
     """
+    if mode == "area":
+        valid = labels != ignore_index
+        full = F.one_hot(torch.where(valid, labels, 0).long(), num_classes) * valid[..., None]
+        return F.interpolate(full.permute(0, 3, 1, 2).float(), size=size, mode="area")
     resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
     valid = resized != ignore_index
     one_hot = F.one_hot(torch.where(valid, resized, 0), num_classes) * valid[..., None]
@@ -44,8 +53,12 @@ class SemanticMapConditioner(nn.Module):
         dropout: float = 0.1,
         key: str = "map",
         palette: str | None = None,
+        resize: str = "area",
     ) -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize: {resize!r}; valid: {', '.join(RESIZE_MODES)}")
+        self.resize = resize
         self.channels = num_classes
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -58,7 +71,7 @@ class SemanticMapConditioner(nn.Module):
     def forward(self, batch: dict[str, Any], drop: Tensor) -> Tensor:
         labels = batch[self.key]
         size = (labels.shape[-2] // self.downscale, labels.shape[-1] // self.downscale)
-        maps = one_hot_resized(labels, self.num_classes, size, self.ignore_index)
+        maps = one_hot_resized(labels, self.num_classes, size, self.ignore_index, self.resize)
         return maps * (~drop).to(maps.device, maps.dtype)[:, None, None, None]
 
     def read_input(self, path: str, resolution: int) -> Tensor:

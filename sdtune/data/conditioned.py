@@ -7,13 +7,35 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from sdtune.data.datamodule import ImageCaptionDataModule, collate
 from sdtune.data.joint import JointTransform
 from sdtune.data.records import Records, check
+from sdtune.data.sampler import split_item
 
 log = logging.getLogger(__name__)
+
+
+class RecordDataset(Dataset):
+    """A dataset over `self.records` whose samples `item` builds. An item is an index, or (index, augmentation
+    seed) from `ResumableSampler`; `item(index, augment=False)` is the same sample without augmentation."""
+
+    records: Records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, generator = split_item(item)
+        return self.item(index, generator=generator)
+
+    def item(
+        self, index: int, augment: bool = True, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
 
 
 class ConditionedDataModule(ImageCaptionDataModule):

@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from sdtune.data.conditioned import ConditionedDataModule, metadata_entries, oriented_size
+from sdtune.data.conditioned import ConditionedDataModule, RecordDataset, metadata_entries, oriented_size
 from sdtune.data.joint import JointTransform
 from sdtune.data.records import Records
-from sdtune.data.sampler import split_item
 from sdtune.io import build_once
 
 PAIRS_VERSION = 1
@@ -83,20 +81,13 @@ def _pair_problem(folder: Path, source: Path, target: Path, instruction: str) ->
     return None
 
 
-class EditPairsDataset(Dataset):
+class EditPairsDataset(RecordDataset):
     """Target pixels (`pixel_values`), source pixels (`source_pixel_values`, same crop and flip) and the
     instruction (`caption`) of each pair, all in [-1, 1]."""
 
     def __init__(self, records: PairRecords, transform: JointTransform) -> None:
         self.records = records
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, generator = split_item(item)
-        return self.item(index, generator=generator)
 
     def item(
         self, index: int, augment: bool = True, generator: torch.Generator | None = None

@@ -18,12 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from sdtune.data.conditioned import ConditionedDataModule
+from sdtune.data.conditioned import ConditionedDataModule, RecordDataset
 from sdtune.data.joint import JointTransform
 from sdtune.data.records import DataError, Records, discover
-from sdtune.data.sampler import split_item
 from sdtune.io import build_once
 
 VECTOR_SUFFIXES = (".npy", ".safetensors")
@@ -97,20 +95,13 @@ def attach_vectors(records: Records, dim: int, key: str | None) -> VectorRecords
     return out
 
 
-class RepresentationDataset(Dataset):
+class RepresentationDataset(RecordDataset):
     """Pixels in [-1, 1], the caption and the representation vector of each record."""
 
     def __init__(self, records: VectorRecords, transform: JointTransform, key: str | None) -> None:
         self.records = records
         self.transform = transform
         self.key = key
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, generator = split_item(item)
-        return self.item(index, generator=generator)
 
     def item(
         self, index: int, augment: bool = True, generator: torch.Generator | None = None

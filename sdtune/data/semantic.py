@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from sdtune.data.conditioned import ConditionedDataModule, metadata_entries, oriented_size
+from sdtune.data.conditioned import ConditionedDataModule, RecordDataset, metadata_entries, oriented_size
 from sdtune.data.joint import JointTransform
 from sdtune.data.records import IMAGE_SUFFIXES, DataError, Records
-from sdtune.data.sampler import split_item
 
 MAP_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
@@ -175,20 +173,13 @@ def checked_map_records(
     return good
 
 
-class SemanticMapDataset(Dataset):
+class SemanticMapDataset(RecordDataset):
     """Pixels in [-1, 1], the (H, W) class-id map (same crop and flip) and the caption of each record."""
 
     def __init__(self, records: MapRecords, transform: JointTransform, palette: np.ndarray | None) -> None:
         self.records = records
         self.transform = transform
         self.palette = palette
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, generator = split_item(item)
-        return self.item(index, generator=generator)
 
     def item(
         self, index: int, augment: bool = True, generator: torch.Generator | None = None
