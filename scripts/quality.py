@@ -8,9 +8,9 @@ commands a user would run (printed as they run), then writes `<out>/summary.json
 - base: the pretrained base on its pretraining classes (DPM++ 2M, 20 steps, guidance 4), 3 seeds per prompt.
 - lora: a LoRA teaches the held-out star from images in two colours (+experiment=lora_new_shape); the star is
   judged before and after, in all six colours (the four untrained ones measure compositional generalisation).
-- semantic: +experiment=semantic (LoRA + a widened conv_in) on the pretrained base; the mean IoU between each
-  conditioning map and the generated foreground.
-- dreambooth: "a sks hexagon" (one purple hexagon on gray), with and without prior preservation; the drift of
+- semantic: +experiment=semantic with method=full (the widened conv_in and every U-Net weight) on the
+  pretrained base; the mean IoU between each conditioning map and the generated foreground.
+- dreambooth: "a sks hexagon" (one yellow hexagon on gray), with and without prior preservation; the drift of
   the class prompt "a hexagon" is the total-variation distance of its colour distribution from the base's.
 """
 
@@ -31,7 +31,18 @@ from sdtune.evaluation import total_variation
 
 TRAINED_COLOURS = ("red", "blue")
 THREADS = 0  # --threads: torch threads of each training run (0 = sdtune's default, the physical cores)
-INSTANCE = {"shape": "hexagon", "colour": "purple", "background": "gray"}
+# Yellow: a colour the base never gives "a hexagon" when no colour is named, so drift toward it is visible.
+INSTANCE = {"shape": "hexagon", "colour": "yellow", "background": "gray"}
+LORA_STEPS = 1000
+# A LoRA that can change shapes as well as colours (attention, projections and feed-forward), and the text
+# encoder, which has to learn the identifier: the recipe of +experiment=lora_new_shape.
+DREAMBOOTH_LORA = [
+    "method.rank=8",
+    "method.alpha=8",
+    "method.lr=1e-3",
+    "method.train_text_encoder=true",
+    "method.target_modules=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2]",
+]
 
 
 def run(args: list[str]) -> str:
@@ -70,7 +81,7 @@ def lora(out: Path, scale: float) -> dict[str, Any]:
     star = ["shapes=[star]", "per_prompt=2"]
     before = evaluate("tiny", out / "eval", "lora_before", *star)
     run_dir, seconds = train(
-        out, "lora_new_shape", "+experiment=lora_new_shape", f"trainer.max_steps={int(400 * scale)}"
+        out, "lora_new_shape", "+experiment=lora_new_shape", f"trainer.max_steps={int(LORA_STEPS * scale)}"
     )
     after = evaluate(run_dir, out / "eval", "lora_after", *star)
     untrained = [c for c in COLOURS if c not in TRAINED_COLOURS]
@@ -92,7 +103,8 @@ def dreambooth(out: Path, scale: float) -> dict[str, Any]:
     instance_prompt, class_prompt = "a sks hexagon", "a hexagon"
     class_set = ["prompts=[{text: 'a hexagon', shape: hexagon}]", "per_prompt=48"]
     instance_set = [
-        f"prompts=[{{text: '{instance_prompt}', shape: hexagon, colour: purple, background: gray}}]",
+        f"prompts=[{{text: '{instance_prompt}', shape: hexagon, colour: {INSTANCE['colour']}, "
+        f"background: {INSTANCE['background']}}}]",
         "per_prompt=24",
     ]
     base_class = evaluate("tiny", out / "eval", "db_base_class", *class_set)
@@ -101,9 +113,9 @@ def dreambooth(out: Path, scale: float) -> dict[str, Any]:
         "model.weights=pretrained",
         f"data.instance_prompt='{instance_prompt}'",
         *(f"data.synthetic.{k}={v}" for k, v in INSTANCE.items()),
-        "method.lr=1e-3",
+        *DREAMBOOTH_LORA,
         f"sampling.prompts=['{instance_prompt}','{class_prompt}']",
-        f"trainer.max_steps={int(300 * scale)}",
+        f"trainer.max_steps={int(400 * scale)}",
     ]
     result: dict[str, Any] = {"base_class_colours": base_class["drawn"]["colour"]}
     for label, prior in (
@@ -130,7 +142,11 @@ def semantic(out: Path, scale: float) -> dict[str, Any]:
         "semantic",
         "+experiment=semantic",
         "model.weights=pretrained",
-        f"trainer.max_steps={int(300 * scale)}",
+        "method=full",  # every U-Net weight learns to read the new map channels, not a LoRA beside them
+        "method.lr=3e-4",
+        "data.batch_size=16",
+        "export.formats=[pipeline]",
+        f"trainer.max_steps={int(1000 * scale)}",
     )
     report = evaluate(run_dir, out / "eval", "semantic", "per_prompt=1")
     return {

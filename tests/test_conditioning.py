@@ -259,9 +259,15 @@ def test_concat_conditioning_refuses_lora_only_exports_up_front(train_cfg) -> No
 def test_conditioning_and_data_must_fit(train_cfg) -> None:
     with pytest.raises(ConfigError) as info:
         validate(
-            train_cfg("+experiment=semantic", "data=shapes", "sampling.condition_guidance={sketch: 2.0}")
+            train_cfg(
+                "+experiment=semantic",
+                "data=shapes",
+                "sampling.condition_guidance={sketch: 2.0}",
+                "conditioning.map.resize=bilinear",
+            )
         )
     message = str(info.value)
+    assert "conditioning.map.resize: 'bilinear'; valid: nearest, area" in message
     assert "conditioning.map: reads batch key 'map', which data=shapes does not provide" in message
     assert "sampling.condition_guidance: unknown condition(s) ['sketch']" in message
     assert "sampling.from_data: data=shapes cannot serve conditions" in message

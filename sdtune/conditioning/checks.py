@@ -30,6 +30,9 @@ def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
                 f"(it provides {', '.join(provided)}); choose a data config with it, e.g. the one "
                 f"conditioning=… selects by default"
             )
+        modes = getattr(cls, "resize_modes", None)
+        if modes and component.get("resize", modes[0]) not in modes:
+            report(f"conditioning.{name}.resize: {component.resize!r}; valid: {', '.join(modes)}")
         if getattr(cls, "slot", None) == "concat":
             concat.append(name)
         if getattr(cls, "input", None):

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-RESIZE_MODES = ("area", "nearest")
+RESIZE_MODES = ("nearest", "area")
 
 
 def one_hot_resized(
-    labels: Tensor, num_classes: int, size: tuple[int, int], ignore_index: int, mode: str = "area"
+    labels: Tensor, num_classes: int, size: tuple[int, int], ignore_index: int, mode: str = "nearest"
 ) -> Tensor:
     """(B, H, W) class ids → (B, num_classes, h, w) class channels at `size`; `ignore_index` is no class.
 
@@ -44,6 +44,7 @@ class SemanticMapConditioner(nn.Module):
 
     slot = "concat"
     input = "map"
+    resize_modes = RESIZE_MODES
 
     def __init__(
         self,
@@ -53,7 +54,7 @@ class SemanticMapConditioner(nn.Module):
         dropout: float = 0.1,
         key: str = "map",
         palette: str | None = None,
-        resize: str = "area",
+        resize: str = "nearest",
     ) -> None:
         super().__init__()
         if resize not in RESIZE_MODES:
