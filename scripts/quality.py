@@ -148,7 +148,7 @@ def semantic(out: Path, scale: float) -> dict[str, Any]:
         "method.lr=3e-4",
         "data.batch_size=16",
         "export.formats=[pipeline]",
-        f"trainer.max_steps={int(1000 * scale)}",
+        f"trainer.max_steps={int(3000 * scale)}",
     )
     report = evaluate(run_dir, out / "eval", "semantic", "per_prompt=1")
     return {
