@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from sdtune.data.records import IMAGE_SUFFIXES
+
 FID_FEATURES = ("clip", "inception")
 BATCH = 32
 
@@ -52,11 +53,17 @@ def metric_problems(metrics: DictConfig) -> list[str]:
     if metrics.fid_reference is None:
         return problems
     folder = Path(str(metrics.fid_reference)).expanduser()
-    found = len(reference_images(folder)) if folder.is_dir() else 0
-    if found < 2:
+    found = reference_images(folder) if folder.is_dir() else []
+    if len(found) < 2:
         problems.append(
-            f"metrics.fid_reference: {folder} holds {found} image(s) ({', '.join(IMAGE_SUFFIXES)}); FID "
+            f"metrics.fid_reference: {folder} holds {len(found)} image(s) ({', '.join(IMAGE_SUFFIXES)}); FID "
             "needs a folder of at least 2 reference images (thousands for a stable figure)"
+        )
+    unreadable = [str(path) for path in found if not _readable(path)]
+    if unreadable:
+        problems.append(
+            f"metrics.fid_reference: {len(unreadable)} unreadable image(s), remove or replace them: "
+            + ", ".join(unreadable)
         )
     if metrics.fid_features not in FID_FEATURES:
         problems.append(f"metrics.fid_features: {metrics.fid_features!r}; valid: {', '.join(FID_FEATURES)}")
@@ -75,6 +82,15 @@ def metric_problems(metrics: DictConfig) -> list[str]:
                 "torch-fidelity's pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)"
             )
     return problems
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # PIL raises many kinds of errors for truncated or foreign files
+        return False
+    return True
 
 
 def load_clip(name: str) -> tuple[Any, Any]:
@@ -139,16 +155,16 @@ class ClipImageFeatures(torch.nn.Module):
 
 
 def load_reference(folder: Path, resolution: int) -> list[Image.Image]:
-    """The reference images, centre-cropped square and resized to the generated resolution."""
+    """The reference images as training sees them: upright, RGB, resized, centre-cropped square."""
+    from sdtune.data.transforms import ImageTransform
+    from sdtune.sampling import to_pil
+
+    transform = ImageTransform(resolution)
     images = []
     for path in reference_images(folder):
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        images.append(image.resize((resolution, resolution), Image.BICUBIC))
-    return images
+            images.append(transform(opened))
+    return to_pil((torch.stack(images) + 1) / 2)
 
 
 def fid(generated: list[Image.Image], reference: list[Image.Image], feature: Any) -> float:

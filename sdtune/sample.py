@@ -82,7 +82,7 @@ def source_family(cfg: DictConfig) -> str:
 
 
 def request_problems(cfg: DictConfig) -> list[str]:
-    """What `sdtune.sample` and `sdtune.evaluate` both check: scheduler, adapter files, the source."""
+    """What `sdtune.sample` and `sdtune.evaluate` both check besides the source: scheduler, files, steps."""
     problems = []
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"scheduler: unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
@@ -91,13 +91,12 @@ def request_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
     if cfg.steps < 1:
         problems.append(f"steps: must be >= 1, got {cfg.steps}")
-    return problems + source_problems(cfg)
+    return problems
 
 
 def check(cfg: DictConfig) -> None:
-    problems = request_problems(cfg)
-    if not source_problems(cfg):
-        problems += input_problems(cfg, source_configs(cfg)[1])
+    source_bad = source_problems(cfg)  # the source's conditioning inputs are checked only if it loads
+    problems = request_problems(cfg) + (source_bad or input_problems(cfg, source_configs(cfg)[1]))
     targets = output_paths(Path(cfg.out), len(prompts_of(cfg)) * cfg.num_images)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not cfg.overwrite:

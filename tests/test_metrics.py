@@ -122,3 +122,10 @@ def test_missing_weights_and_references_are_named_before_loading(tmp_path: Path)
     assert "metrics.fid_inception_weights" in message
     with pytest.raises(ConfigError, match="fid_features=clip compares CLIP image embeddings"):
         run(compose_config("evaluate", ["source=tiny", f"metrics.fid_reference={empty}", f"out={tmp_path}"]))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i, image in enumerate(renders(2, seed=4)[0]):
+        image.save(broken / f"{i}.png")
+    (broken / "2.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match=r"1 unreadable image\(s\), remove or replace them: .*2\.png"):
+        run(compose_config("evaluate", ["source=tiny", f"metrics.fid_reference={broken}", f"out={tmp_path}"]))
