@@ -35,6 +35,12 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true", help="sdtune trains from the latent/text cache")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (sdtune and plain)")
     parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    )
+    parser.add_argument("--channels-last", action="store_true", help="NHWC U-Net and VAE (every side)")
+    parser.add_argument(
         "--sides", default="sdtune,plain,unet_only", help="comma-separated subset of sdtune,plain,unet_only"
     )
     parser.add_argument(
@@ -55,6 +61,8 @@ def main() -> None:
         threads=args.threads,
         cache=args.cache,
         compile=args.compile,
+        compile_mode=args.compile_mode,
+        channels_last=args.channels_last,
         sides=args.sides.split(","),
         cache_dir=args.cache_dir,
         overrides=args.override,

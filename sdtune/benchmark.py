@@ -6,8 +6,8 @@ Three sides run the same model, data, batch, resolution, LoRA rank and thread co
   latent/text cache when asked;
 - `plain`: the loop of diffusers' `train_text_to_image_lora.py` written out: VAE encode, CLIP encode, U-Net
   forward/backward, gradient clipping, AdamW;
-- `unet_only`: U-Net forward + backward + clipping + AdamW on latents and text states computed once: the floor
-  that a cached step can reach.
+- `unet_only`: U-Net forward + backward + clipping + AdamW (fused on a GPU, as sdtune's default there) on
+  latents and text states computed once: the floor that a cached step can reach.
 Step times are taken at the end of every step (after a device sync on GPU); the steady state is the median
 after the warm-up steps. Each step's process CPU time is recorded too: on a machine shared with other work,
 wall time measures the contention as much as the code, while CPU time (with one thread and no data-loader
@@ -146,6 +146,8 @@ class Spec:
     threads: int
     cache: bool = False
     compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
     cache_dir: str = ""
     model_dir: str = ""
     data_dir: str = ""
@@ -295,6 +297,8 @@ def sdtune_side(spec: Spec, workload: Workload) -> list[Stamp]:
         *(gpu if workload.gpu else ["trainer.accelerator=cpu", "trainer.precision=32-true"]),
         f"runtime.threads={spec.threads}",
         f"runtime.compile={str(spec.compile).lower()}",
+        f"runtime.compile_mode={spec.compile_mode}",
+        f"runtime.channels_last={str(spec.channels_last).lower()}",
         "logger=none",
         "sampling.prompts=[]",
         "export.formats=[]",
@@ -338,8 +342,11 @@ def _components(spec: Spec, workload: Workload) -> tuple[Any, ...]:
     )
     unet.add_adapter(lora)
     cast_training_params(unet, dtype=torch.float32)
+    if spec.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
     if spec.compile:
-        unet.compile()
+        unet.compile(mode=spec.compile_mode)
     return tokenizer, text_encoder, vae, unet, scheduler, device, dtype
 
 
@@ -379,11 +386,13 @@ def _plain_batches(spec: Spec, workload: Workload, tokenizer: Any) -> Any:
     )
 
 
-def _optimizer(unet: Any) -> tuple[Any, list[Any], Any]:
+def _optimizer(unet: Any, fused: bool = False) -> tuple[Any, list[Any], Any]:
     from diffusers.optimization import get_scheduler
 
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=fused or None
+    )
     return optimizer, params, get_scheduler("constant", optimizer)
 
 
@@ -438,7 +447,7 @@ def unet_only_side(spec: Spec, workload: Workload) -> list[Stamp]:
         latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
         latents = latents * vae.config.scaling_factor
         hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
-    optimizer, params, lr_scheduler = _optimizer(unet)
+    optimizer, params, lr_scheduler = _optimizer(unet, fused=workload.gpu)  # as sdtune's default on a GPU
     unet.train()
     stamps = [stamp()]
     for _ in range(spec.total_steps):
@@ -459,6 +468,8 @@ class Options:
     threads: int | None = None
     cache: bool = False
     compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
     sides: list[str] = field(default_factory=lambda: ["sdtune", "plain", "unet_only"])
     cache_dir: str | None = None
     overrides: list[str] = field(default_factory=list)
@@ -503,6 +514,8 @@ def run_benchmark(options: Options) -> dict[str, Any]:
         threads=threads,
         cache=options.cache,
         compile=options.compile,
+        compile_mode=options.compile_mode,
+        channels_last=options.channels_last,
         cache_dir=str(cache_dir),
         model_dir=str(ensure_model(workload, cache_dir)),
         data_dir=str(

@@ -115,8 +115,10 @@ def tune_malloc() -> bool:
 
 
 def configure_process(runtime: DictConfig, trainer: DictConfig) -> None:
-    """Process-wide CPU settings of `runtime`: torch's thread count, and the allocator tuning."""
+    """Process-wide settings of `runtime`: torch's thread count, the allocator tuning, cuDNN autotuning."""
     configure_threads(runtime.threads, local_cpu_processes(trainer))
+    # Lightning turns this off again under trainer.deterministic (its `benchmark` stays unset).
+    torch.backends.cudnn.benchmark = bool(runtime.get("cudnn_benchmark", False))
     if runtime.get("tune_malloc", True) and tune_malloc():
         log.info("glibc malloc: mmap threshold 32 MiB, trim threshold 256 MiB (runtime.tune_malloc)")
 
@@ -146,6 +148,9 @@ def check_runtime(cfg: DictConfig, report: Any) -> None:
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
     if on_cpu and torch.float16 in (weight, DTYPES.get(runtime.vae_dtype or "float32")):
         report("runtime.weight_dtype/vae_dtype: float16 needs a GPU; on CPU use bfloat16 or null")
+    for key in ("cudnn_benchmark", "fused_optimizer", "channels_last", "compile", "gradient_checkpointing"):
+        if not isinstance(runtime.get(key, False), bool):
+            report(f"runtime.{key}: must be true or false, got {runtime.get(key)!r}")
     if runtime.attention not in ATTENTION:
         report(f"runtime.attention: {runtime.attention!r} is not one of {', '.join(ATTENTION)}")
     if runtime.compile_mode not in COMPILE_MODES:
@@ -296,6 +301,7 @@ def prepare_training(cfg: DictConfig, datamodule: Any, module: Any) -> list[pl.C
     """Per-run speed set-up after the module is built: VAE precision, and the latent/text cache (built now,
     before the Trainer starts) with its encoder offload. Returns the callbacks it needs."""
     module.vae_full_precision = vae_needs_full_precision(cfg.get("runtime"))
+    module.fused_optimizer = bool((cfg.get("runtime") or {}).get("fused_optimizer", True))
     if not cfg.data.get("cache_latents"):
         return []
     from sdtune.data.cache import cache_device, prepare_cache

@@ -29,9 +29,10 @@ QUICK = [
 
 @pytest.fixture(autouse=True)
 def keep_thread_count():
-    before = torch.get_num_threads()
+    before, cudnn = torch.get_num_threads(), torch.backends.cudnn.benchmark
     yield
     torch.set_num_threads(before)
+    torch.backends.cudnn.benchmark = cudnn
 
 
 def test_threads_default_to_physical_cores_and_are_logged(caplog) -> None:
@@ -92,6 +93,11 @@ def _checks() -> dict[str, tuple[list[str], object]]:
     def compiled(m):
         assert m.unet._compiled_call_impl is not None
 
+    def cudnn_benchmark(m):
+        assert torch.backends.cudnn.benchmark
+        # runtime.fused_optimizer is on by default but fuses only CUDA parameters
+        assert not m.trainer.optimizers[0].defaults.get("fused")
+
     bf16 = ["runtime.weight_dtype=bfloat16", "trainer.precision=bf16-mixed"]
     return {
         "gradient_checkpointing": (["runtime.gradient_checkpointing=true"], checkpointing),
@@ -101,6 +107,7 @@ def _checks() -> dict[str, tuple[list[str], object]]:
         "eager_attention": (["runtime.attention=eager"], eager_attention),
         "channels_last": (["runtime.channels_last=true"], channels_last),
         "compile": (["runtime.compile=true", "runtime.compile_backend=eager"], compiled),
+        "cudnn_benchmark": (["runtime.cudnn_benchmark=true"], cudnn_benchmark),
     }
 
 
@@ -138,3 +145,4 @@ def test_gpu_levers_train_a_few_steps(overrides: list[str], train_cfg) -> None:
     run = train(train_cfg(*QUICK, "trainer.accelerator=gpu", "data.cache_latents=true", *overrides))
     assert run.trainer.global_step == 2
     assert all(p.dtype == torch.float32 for p in run.module.trainable_parameters().values())
+    assert run.trainer.optimizers[0].defaults["fused"]  # runtime.fused_optimizer (default on)
