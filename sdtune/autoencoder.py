@@ -1,4 +1,5 @@
-"""Stage one of latent diffusion: train the autoencoder (E and D) on the training images.
+"""Stage one of latent diffusion: train the autoencoder (E and D) on the training images, or (`method.parts:
+decoder`) fine-tune only the decoder D of a trained one, which leaves the latents, so the U-Net, unchanged.
 
 Loss = reconstruction (L1 + MSE in [-1, 1] pixel space) + `method.kl_weight` × KL(q(z|x) ‖ N(0, I)), the
 latent-diffusion paper's KL-regularised autoencoder without its perceptual and adversarial terms (a small
@@ -32,9 +33,20 @@ class AutoencoderModule(pl.LightningModule):
         self.prediction_type = stack.noise_scheduler.config.prediction_type
         self.strict_loading = False
 
+    @property
+    def decoder_only(self) -> bool:
+        return self.method.get("parts", "all") == "decoder"
+
+    def train(self, mode: bool = True) -> AutoencoderModule:
+        super().train(mode)
+        if self.decoder_only:
+            self.vae.encoder.eval()
+        return self
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         pixels = batch["pixel_values"]
-        losses = reconstruction_losses(self.vae, pixels, self.method.kl_weight)
+        frozen = self.decoder_only
+        losses = reconstruction_losses(self.vae, pixels, self.method.kl_weight, frozen_encoder=frozen)
         size = pixels.shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "psnr"), batch_size=size)
@@ -45,7 +57,7 @@ class AutoencoderModule(pl.LightningModule):
 
         method = self.method
         optimizer = torch.optim.AdamW(
-            self.vae.parameters(),
+            [p for p in self.vae.parameters() if p.requires_grad],
             lr=method.lr,
             betas=tuple(method.betas),
             eps=method.eps,
@@ -65,15 +77,20 @@ class AutoencoderModule(pl.LightningModule):
         checkpoint["sdtune"] = {"method": self.method.name, "base_model": self.stack.base_model}
 
     def on_train_end(self) -> None:
+        if self.decoder_only:
+            return  # the encoder, hence the latents and their scaling factor, did not change
         loader = self.trainer.datamodule.train_dataloader()
         scale = latent_scaling_factor(self.vae, loader, SCALE_BATCHES)
         self.vae.register_to_config(scaling_factor=scale)
         self.print(f"latent scaling factor: {scale:.5f} (1 / std of the posterior means)")
 
 
-def reconstruction_losses(vae: Any, pixels: Tensor, kl_weight: float) -> dict[str, Tensor]:
-    """Loss and its parts for one batch of pixels in [-1, 1]."""
-    posterior = vae.encode(pixels).latent_dist
+def reconstruction_losses(
+    vae: Any, pixels: Tensor, kl_weight: float, frozen_encoder: bool = False
+) -> dict[str, Tensor]:
+    """Loss and its parts for one batch of pixels in [-1, 1] (a frozen encoder's KL term is a constant)."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
+        posterior = vae.encode(pixels).latent_dist
     recon = vae.decode(posterior.sample()).sample
     mse = F.mse_loss(recon, pixels)
     l1 = F.l1_loss(recon, pixels)

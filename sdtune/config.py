@@ -185,6 +185,8 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
         init_from = method.get("init_from")
         if init_from is not None and not Path(init_from).expanduser().is_file():
             report(f"method.init_from: LoRA file {init_from!r} does not exist")
+    elif method.name == "vae" and method.get("parts", "all") not in ("all", "decoder"):
+        report(f"method.parts: {method.parts!r} is not one of all, decoder")
     elif method.name == "textual_inversion":
         if method.weight_decay:
             report(

@@ -147,9 +147,15 @@ def generate_set(
                 height=resolution,
                 width=resolution,
                 noise_seeds=[seed for _, seed in chunk],
+                condition_guidance=settings.get("condition_guidance"),
             )
         results += [(p, seed, image) for (p, seed), image in zip(chunk, to_pil(images))]
     return results
+
+
+def _condition_guidance(settings: DictConfig) -> dict[str, Any]:
+    scales = settings.get("condition_guidance")
+    return {"condition_guidance": OmegaConf.to_container(scales)} if scales else {}
 
 
 def score(samples: list[tuple[Prompt, int, Verdict]]) -> dict[str, Any]:
@@ -205,7 +211,8 @@ def evaluate(
         "schema": SCHEMA_VERSION,
         "settings": {
             k: settings[k] for k in ("scheduler", "steps", "guidance", "seed", "per_prompt") if k in settings
-        },
+        }
+        | _condition_guidance(settings),
         "resolution": resolution,
         **score(rows),
         "samples": [

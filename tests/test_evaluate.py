@@ -181,6 +181,20 @@ def test_evaluation_is_reproducible(tmp_path: Path, cache_dir: Path) -> None:
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "evaluation.png")))
 
 
+def test_evaluate_applies_and_records_a_condition_guidance(tmp_path: Path, cache_dir: Path) -> None:
+    from sdtune.evaluate import run
+
+    common = ["source=tiny", "shapes=[square]", "colours=[green]", "backgrounds=[black]", "steps=2"]
+    common += ["judge_renders=0"]
+    plain = run(evaluate_cfg(*common, f"out={tmp_path / 'a'}"))
+    own = json.loads(
+        run(evaluate_cfg(*common, "condition_guidance={text: 1.0}", f"out={tmp_path / 'b'}")).read_text()
+    )
+    assert own["settings"]["condition_guidance"] == {"text": 1.0}
+    a = np.asarray(Image.open(plain.with_suffix(".png")))
+    assert not np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "evaluation.png")))
+
+
 def test_map_iou_of_a_render_with_its_own_map_is_high_and_of_a_moved_map_low() -> None:
     from sdtune.evaluation import foreground_iou
 

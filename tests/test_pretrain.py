@@ -57,6 +57,32 @@ def test_pretrain_vae_trains_only_the_autoencoder_and_rescales_latents(train_cfg
     assert scale != tiny.VAE_CONFIG["scaling_factor"]
 
 
+def test_vae_decoder_fine_tune_keeps_the_latents(train_cfg, tmp_path: Path) -> None:
+    from sdtune.train import train
+
+    run_dir = tmp_path / "decoder"
+    cfg = train_cfg(
+        "+experiment=vae_decoder",
+        "data.num_images=32",
+        "trainer.max_steps=3",
+        "method.lr_warmup_steps=0",
+        run_dir=run_dir,
+    )
+    train(cfg)
+    base = tiny.ensure_tiny_pipeline(Path(cfg.paths.cache_dir), "pretrained")
+    trained = load_file(run_dir / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors")
+    before = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    encoder = [k for k in before if k not in decoder]
+    assert decoder and encoder
+    assert any(not torch.equal(trained[k], before[k]) for k in decoder)
+    assert all(torch.equal(trained[k], before[k]) for k in encoder)  # same latents for the same image
+    config = json.loads((run_dir / "pipeline" / "vae" / "config.json").read_text())
+    assert (
+        config["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
+    )
+
+
 def test_pretrain_requires_the_stage_one_pipeline(train_cfg) -> None:
     from sdtune.config import ConfigError, validate
 

@@ -111,8 +111,18 @@ METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
     "lora": apply_lora,
     "full": apply_full,
     "textual_inversion": apply_textual_inversion,
-    "vae": lambda stack, method: stack.vae.requires_grad_(True),  # autoencoder pretraining (stage one)
+    "vae": lambda stack, method: apply_vae(stack, method),  # autoencoder pretraining (stage one)
 }
+
+
+def apply_vae(stack: Any, method: DictConfig) -> None:
+    """`method.parts`: `all` trains E and D; `decoder` only D (and its post-quant conv), as Stability's
+    ft-MSE VAEs were made: the latents do not change, so a U-Net trained on them keeps working."""
+    vae = stack.vae
+    vae.requires_grad_(method.get("parts", "all") == "all")
+    if method.get("parts") == "decoder":
+        vae.decoder.requires_grad_(True)
+        vae.post_quant_conv.requires_grad_(True)
 
 
 def apply_method(stack: Any, method: DictConfig) -> None:
