@@ -23,8 +23,9 @@ from sdtune.sampling import SCHEDULERS
 CONDITION_INPUTS = ("map", "image", "representation")  # sample.yaml keys naming condition files
 
 
-def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int]:
-    """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`."""
+def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
+    """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`; the
+    resolution of a base model (None) is its own, known once it is loaded (`native_resolution`)."""
     source = Path(str(cfg.source)).expanduser()
     if (source / MANIFEST).is_file():
         run_cfg = OmegaConf.load(source / ".hydra" / "config.yaml")
@@ -49,8 +50,7 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
     text = OmegaConf.create(
         {"text": {"_target_": "sdtune.conditioning.text.TextConditioner", "dropout": 0.0}}
     )
-    native = 64 if pretrained is None else (1024 if model.family == "sdxl" else 512)
-    return model, text, cfg.lora, cfg.embedding, native
+    return model, text, cfg.lora, cfg.embedding, None
 
 
 def source_problems(cfg: DictConfig) -> list[str]:
@@ -185,7 +185,13 @@ def load_source(cfg: DictConfig) -> tuple[Any, Any, int]:
         load_embedding(stack, embedding, cfg.token)
     conditioning = build_conditioning(cond_cfg, stack)
     load_conditioning_weights(cfg, conditioning)
-    return stack, conditioning, native
+    return stack, conditioning, native or native_resolution(stack)
+
+
+def native_resolution(stack: Any) -> int:
+    """What the model was trained at, as diffusers' pipelines default it: U-Net sample size × VAE scale
+    (SD1.5 64 × 8 = 512, SDXL 1024, the tiny stack 64)."""
+    return int(stack.unet.config.sample_size) * 2 ** (len(stack.vae.config.block_out_channels) - 1)
 
 
 def sample(cfg: DictConfig) -> list[Path]:

@@ -31,6 +31,13 @@ def test_each_scheduler_produces_an_image(scheduler: str, tiny_dir: Path, tmp_pa
     assert image.std() > 0
 
 
+def test_a_local_pipeline_folder_samples_at_its_own_resolution(tiny_dir: Path, tmp_path: Path) -> None:
+    # diffusers' default, U-Net sample size × VAE scale: 64 px for the tiny stack, not SD1.5's 512
+    out = tmp_path / "folder.png"
+    sample(sample_cfg(f"source={tiny_dir}", "prompt=a red circle", "steps=2", f"out={out}"))
+    assert Image.open(out).size == (64, 64)
+
+
 def test_seeds_make_samples_reproducible_and_distinct(tiny_dir: Path, tmp_path: Path) -> None:
     common = ["source=tiny", "prompt=a blue star", "scheduler=euler_a", "steps=3", "num_images=2"]
     first = sample(sample_cfg(*common, f"out={tmp_path / 'a'}"))
