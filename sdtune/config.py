@@ -112,6 +112,13 @@ def _check_model(cfg: DictConfig, report: Report) -> None:
     model = cfg.model
     if model.get("weights") not in (None, "pretrained", "random"):
         report(f"model.weights: {model.weights!r} is not one of pretrained, random")
+    elif model.get("weights") == "pretrained" and model.get("pretrained") is None and model.family != "sdxl":
+        from sdtune.models import tiny
+
+        try:
+            tiny.pretrained_files()
+        except FileNotFoundError as error:
+            report(f"model.weights: {error}")
     if model.family not in FAMILIES:
         report(f"model.family: {model.family!r} is not one of {', '.join(FAMILIES)}")
     elif model.family == "sdxl":

@@ -90,8 +90,15 @@ def test_pretrain_requires_the_stage_one_pipeline(train_cfg) -> None:
         validate(train_cfg("+experiment=pretrain"))
 
 
-def test_missing_pretrained_weights_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_pretrained_weights_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, train_cfg
+) -> None:
+    from sdtune.config import ConfigError, validate
+
     monkeypatch.setattr(tiny, "PRETRAINED_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="model.weights: the pretrained tiny stack is missing"):
+        validate(train_cfg("+experiment=lora"))  # before anything is loaded
+    validate(train_cfg("+experiment=lora", "model.weights=random"))
     with pytest.raises(FileNotFoundError, match="model.weights=random"):
         tiny.ensure_tiny_pipeline(tmp_path / "cache", "pretrained")
     with pytest.raises(ValueError, match="model.weights"):
