@@ -8,7 +8,7 @@ tensors, so nothing but the U-Net forward + backward + optimizer is timed. Each 
 as soon as it is measured (a lent GPU may be taken back at any moment).
 
 A variant is a `+`-joined set of levers, applied from a clean state (e.g. `base`, `cudnn+nhwc+fused`):
-  base      as `scripts/benchmark.py --sides unet_only` runs it (no lever)
+  base      no lever (the benchmark's unet_only floor without the fused AdamW it now uses on a GPU)
   cudnn     torch.backends.cudnn.benchmark = True (cuDNN picks the fastest convolution per shape)
   nhwc      channels_last weights and inputs
   fused     AdamW(fused=True)
@@ -111,6 +111,8 @@ def main() -> None:
         "--profile", action="store_true", help="also profile 3 steps: GPU-busy share and the top CUDA ops"
     )
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the CPU workloads are in scripts/benchmark.py)")
     wanted = args.variants.split(",")
     unknown = sorted({lever for v in wanted for lever in v.split("+")} - set(LEVERS))
     if unknown:
