@@ -54,7 +54,7 @@ class SemanticMapConditioner(nn.Module):
         dropout: float = 0.1,
         key: str = "map",
         palette: str | None = None,
-        resize: str = "nearest",
+        resize: str = "area",
     ) -> None:
         super().__init__()
         if resize not in RESIZE_MODES:
