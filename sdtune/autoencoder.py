@@ -37,12 +37,6 @@ class AutoencoderModule(pl.LightningModule):
     def decoder_only(self) -> bool:
         return self.method.get("parts", "all") == "decoder"
 
-    def train(self, mode: bool = True) -> AutoencoderModule:
-        super().train(mode)
-        if self.decoder_only:
-            self.vae.encoder.eval()
-        return self
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         pixels = batch["pixel_values"]
         frozen = self.decoder_only

@@ -28,9 +28,12 @@ def check(cfg: DictConfig) -> None:
     """Every problem with the request, before any model loads."""
     from sdtune.evaluation import check_prompts, prompts_from_config
     from sdtune.metrics import metric_problems
-    from sdtune.sample import request_problems, source_problems
+    from sdtune.sample import guidance_problems, request_problems, source_configs, source_problems
 
-    problems = request_problems(cfg) + source_problems(cfg) + metric_problems(cfg.metrics)
+    source_bad = source_problems(cfg)
+    problems = request_problems(cfg) + source_bad + metric_problems(cfg.metrics)
+    if not source_bad:
+        problems += guidance_problems(cfg, source_configs(cfg)[1])
     for key in ("per_prompt", "batch_size"):
         if cfg[key] < 1:
             problems.append(f"{key}: must be >= 1, got {cfg[key]}")

@@ -94,9 +94,20 @@ def request_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def guidance_problems(cfg: DictConfig, cond_cfg: DictConfig) -> list[str]:
+    """`condition_guidance` names that are not conditions of the source (its conditioning config)."""
+    unknown = [name for name in cfg.get("condition_guidance") or {} if name not in cond_cfg]
+    if not unknown:
+        return []
+    return [f"condition_guidance: unknown condition(s) {unknown}; this model has {list(cond_cfg)}"]
+
+
 def check(cfg: DictConfig) -> None:
-    source_bad = source_problems(cfg)  # the source's conditioning inputs are checked only if it loads
-    problems = request_problems(cfg) + (source_bad or input_problems(cfg, source_configs(cfg)[1]))
+    source_bad = source_problems(cfg)  # the source's conditions are checked only if it loads
+    problems = request_problems(cfg) + source_bad
+    if not source_bad:
+        cond_cfg = source_configs(cfg)[1]
+        problems += input_problems(cfg, cond_cfg) + guidance_problems(cfg, cond_cfg)
     targets = output_paths(Path(cfg.out), len(prompts_of(cfg)) * cfg.num_images)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not cfg.overwrite:
@@ -191,7 +202,9 @@ def load_source(cfg: DictConfig) -> tuple[Any, Any, int]:
 def native_resolution(stack: Any) -> int:
     """What the model was trained at, as diffusers' pipelines default it: U-Net sample size × VAE scale
     (SD1.5 64 × 8 = 512, SDXL 1024, the tiny stack 64)."""
-    return int(stack.unet.config.sample_size) * 2 ** (len(stack.vae.config.block_out_channels) - 1)
+    from sdtune.models.loading import vae_scale_factor
+
+    return int(stack.unet.config.sample_size) * vae_scale_factor(stack.vae)
 
 
 def sample(cfg: DictConfig) -> list[Path]:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from sdtune.conditioning import ConditioningStack
 from sdtune.conditioning.text import with_micro_conditioning
+from sdtune.models.loading import vae_scale_factor
 
 # name -> (diffusers scheduler class, settings on top of the base model's scheduler config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -70,7 +71,7 @@ def generate(
     batch = with_micro_conditioning(batch, size, height, width)
     levels, scales = guidance_plan(list(conditioning.components), guidance, condition_guidance)
     conditions = [conditioning(batch, conditioning.keep_only(size, kept)) for kept in levels]
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale_factor(vae)
     shape = (vae.config.latent_channels, height // scale, width // scale)
     seeds = noise_seeds if noise_seeds is not None else [seed + i for i in range(size)]
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]

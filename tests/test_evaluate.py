@@ -122,6 +122,11 @@ def test_evaluate_refuses_bad_requests_before_loading(tmp_path: Path) -> None:
     assert "'blob'" in message and "scheduler" in message and "per_prompt" in message
     assert "lora: file" in message and "source:" in message
 
+    with pytest.raises(
+        ConfigError, match=r"condition_guidance: unknown condition\(s\) \['map'\]; this model has \['text'\]"
+    ):
+        run(evaluate_cfg("source=tiny", "condition_guidance={map: 2.0}", f"out={tmp_path / 'eval'}"))
+
     unfinished = tmp_path / "stopped_run"
     (unfinished / "checkpoints").mkdir(parents=True)  # what a run killed before its export leaves
     with pytest.raises(ConfigError, match="neither a finished sdtune run"):

@@ -58,9 +58,11 @@ def test_bad_inputs_are_refused_before_loading(tmp_path: Path) -> None:
                 "scheduler=plms",
                 f"lora={tmp_path}/none.safetensors",
                 f"out={existing}",
+                "condition_guidance={source: 1.5}",
             )
         )
     message = str(info.value)
+    assert "condition_guidance: unknown condition(s) ['source']; this model has ['text']" in message
     assert "scheduler" in message and "euler_a" in message
     assert "none.safetensors" in message
     assert "overwrite=true" in message

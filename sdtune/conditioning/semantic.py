@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from sdtune.models.loading import vae_scale_factor
+
 RESIZE_MODES = ("nearest", "area")
 
 
@@ -67,7 +69,7 @@ class SemanticMapConditioner(nn.Module):
         self.key = key
         self.palette_file = palette
         self.palette = _palette(palette, num_classes)
-        self.downscale = 2 ** (len(stack.vae.config.block_out_channels) - 1)
+        self.downscale = vae_scale_factor(stack.vae)
 
     def forward(self, batch: dict[str, Any], drop: Tensor) -> Tensor:
         labels = batch[self.key]

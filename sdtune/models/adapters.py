@@ -107,22 +107,22 @@ def _used_layers(stack: Any, encoder: Any) -> list[int] | None:
     return list(range(encoder.config.num_hidden_layers - 1))
 
 
+def apply_vae(stack: Any, method: DictConfig) -> None:
+    """`method.parts`: `all` trains E and D; `decoder` only D (and its post-quant conv), as Stability's
+    ft-MSE VAEs were made: the latents do not change, so a U-Net trained on them keeps working."""
+    decoder_only = method.get("parts", "all") == "decoder"
+    stack.vae.requires_grad_(not decoder_only)
+    if decoder_only:
+        stack.vae.decoder.requires_grad_(True)
+        stack.vae.post_quant_conv.requires_grad_(True)
+
+
 METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
     "lora": apply_lora,
     "full": apply_full,
     "textual_inversion": apply_textual_inversion,
-    "vae": lambda stack, method: apply_vae(stack, method),  # autoencoder pretraining (stage one)
+    "vae": apply_vae,  # autoencoder pretraining (stage one), or its decoder alone
 }
-
-
-def apply_vae(stack: Any, method: DictConfig) -> None:
-    """`method.parts`: `all` trains E and D; `decoder` only D (and its post-quant conv), as Stability's
-    ft-MSE VAEs were made: the latents do not change, so a U-Net trained on them keeps working."""
-    vae = stack.vae
-    vae.requires_grad_(method.get("parts", "all") == "all")
-    if method.get("parts") == "decoder":
-        vae.decoder.requires_grad_(True)
-        vae.post_quant_conv.requires_grad_(True)
 
 
 def apply_method(stack: Any, method: DictConfig) -> None:

@@ -19,6 +19,11 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
+def vae_scale_factor(vae: Any) -> int:
+    """Pixels per latent pixel: 2^(VAE levels − 1) (8 for every Stable Diffusion VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @dataclass
 class Stack:
     """The components of a Stable Diffusion model, plus where they came from."""
