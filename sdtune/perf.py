@@ -301,7 +301,9 @@ def prepare_training(cfg: DictConfig, datamodule: Any, module: Any) -> list[pl.C
     """Per-run speed set-up after the module is built: VAE precision, and the latent/text cache (built now,
     before the Trainer starts) with its encoder offload. Returns the callbacks it needs."""
     module.vae_full_precision = vae_needs_full_precision(cfg.get("runtime"))
-    module.fused_optimizer = bool((cfg.get("runtime") or {}).get("fused_optimizer", True))
+    # fp16's loss scaling needs the gradients unscaled before clipping, which a fused AdamW does in its step.
+    fp16_scaled = str(cfg.trainer.get("precision")) in ("16-mixed", "16")
+    module.fused_optimizer = bool((cfg.get("runtime") or {}).get("fused_optimizer", True)) and not fp16_scaled
     if not cfg.data.get("cache_latents"):
         return []
     from sdtune.data.cache import cache_device, prepare_cache

@@ -96,7 +96,7 @@ def _checks() -> dict[str, tuple[list[str], object]]:
     def cudnn_benchmark(m):
         assert torch.backends.cudnn.benchmark
         # runtime.fused_optimizer is on by default but fuses only CUDA parameters
-        assert not m.trainer.optimizers[0].defaults.get("fused")
+        assert bool(m.trainer.optimizers[0].defaults.get("fused")) == (m.device.type == "cuda")
 
     bf16 = ["runtime.weight_dtype=bfloat16", "trainer.precision=bf16-mixed"]
     return {
@@ -145,4 +145,36 @@ def test_gpu_levers_train_a_few_steps(overrides: list[str], train_cfg) -> None:
     run = train(train_cfg(*QUICK, "trainer.accelerator=gpu", "data.cache_latents=true", *overrides))
     assert run.trainer.global_step == 2
     assert all(p.dtype == torch.float32 for p in run.module.trainable_parameters().values())
-    assert run.trainer.optimizers[0].defaults["fused"]  # runtime.fused_optimizer (default on)
+    # runtime.fused_optimizer (default on) fuses, except under fp16 loss scaling (clipping needs unscaled
+    # gradients)
+    fused = bool(run.trainer.optimizers[0].defaults.get("fused"))
+    assert fused == ("trainer.precision=bf16-mixed" in overrides)
+
+
+def test_fused_optimizer_trains_under_bf16_autocast_with_clipping(train_cfg, monkeypatch) -> None:
+    """Lightning's mixed-precision plugin refuses to clip gradients for a fused AdamW; sdtune clips them
+    itself (bf16 has no loss scaling). torch also fuses AdamW on the CPU, which lets this run here."""
+    import sdtune.module
+    from sdtune.train import train
+
+    monkeypatch.setattr(sdtune.module, "_fusable", lambda name, params: name == "adamw")
+    bf16 = ["runtime.weight_dtype=bfloat16", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"]
+    run = train(train_cfg(*QUICK, *bf16))
+    assert run.trainer.optimizers[0].defaults["fused"]
+    assert run.trainer.global_step == 2 and torch.isfinite(run.trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_optimizer_gradients_are_clipped(algorithm: str) -> None:
+    from sdtune.module import DiffusionModule
+
+    weights = [torch.nn.Parameter(torch.zeros(64)) for _ in range(3)]
+    for w in weights:
+        w.grad = torch.full_like(w, 10.0)
+    optimizer = torch.optim.AdamW(weights, fused=True)
+    DiffusionModule.configure_gradient_clipping(None, optimizer, 0.5, algorithm)  # type: ignore[arg-type]
+    grads = torch.cat([w.grad for w in weights])
+    if algorithm == "norm":
+        assert torch.linalg.vector_norm(grads) == pytest.approx(0.5, rel=1e-3)
+    else:
+        assert grads.abs().max() == pytest.approx(0.5)
