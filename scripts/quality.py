@@ -10,7 +10,7 @@ commands a user would run (printed as they run), then writes `<out>/summary.json
   judged before and after, in all six colours (the four untrained ones measure compositional generalisation).
 - semantic: +experiment=semantic with method=full (the widened conv_in and every U-Net weight) on the
   pretrained base; the mean IoU between each conditioning map and the generated foreground.
-- dreambooth: "a sks hexagon" (one yellow hexagon on gray), with and without prior preservation; the drift of
+- dreambooth: "a sks hexagon" (one yellow hexagon on black), with and without prior preservation; the drift of
   the class prompt "a hexagon" is the total-variation distance of its colour distribution from the base's.
 """
 
@@ -32,7 +32,9 @@ from sdtune.evaluation import total_variation
 TRAINED_COLOURS = ("red", "blue")
 THREADS = 0  # --threads: torch threads of each training run (0 = sdtune's default, the physical cores)
 # Yellow: a colour the base never gives "a hexagon" when no colour is named, so drift toward it is visible.
-INSTANCE = {"shape": "hexagon", "colour": "yellow", "background": "gray"}
+# Black: the instance must be something the base can draw; it gets hexagons right on black (18/18) far more
+# often than on gray (13/18, which capped the instance at ~60-80%).
+INSTANCE = {"shape": "hexagon", "colour": "yellow", "background": "black"}
 LORA_STEPS = 1000
 # A LoRA that can change shapes as well as colours (attention, projections and feed-forward), and the text
 # encoder, which has to learn the identifier: the recipe of +experiment=lora_new_shape.

@@ -340,9 +340,30 @@ def _check_loss(cfg: DictConfig, report: Report) -> None:
         )
     if loss.snr_gamma is not None and not loss.snr_gamma > 0:
         report(f"loss.snr_gamma: must be positive or null, got {loss.snr_gamma}")
+    _check_timestep_bias(loss.get("timestep_bias"), report)
     limit = loss.max_nonfinite_steps
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         report(f"loss.max_nonfinite_steps: must be an integer >= 1, got {limit!r}")
+
+
+def _check_timestep_bias(bias: DictConfig | None, report: Report) -> None:
+    from sdtune.losses import TIMESTEP_BIAS
+
+    if not bias:
+        return
+    if bias.strategy not in TIMESTEP_BIAS:
+        report(f"loss.timestep_bias.strategy: {bias.strategy!r} is not one of {', '.join(TIMESTEP_BIAS)}")
+    if not isinstance(bias.multiplier, int | float) or not bias.multiplier > 0:
+        report(f"loss.timestep_bias.multiplier: must be a positive number, got {bias.multiplier!r}")
+    if not isinstance(bias.portion, int | float) or not 0 < bias.portion <= 1:
+        report(f"loss.timestep_bias.portion: must be in (0, 1], got {bias.portion!r}")
+    span = bias.get("range")
+    if bias.strategy == "range":
+        valid = span is not None and len(span) == 2 and all(isinstance(t, int) for t in span)
+        if not valid or not 0 <= span[0] < span[1]:
+            report(
+                f"loss.timestep_bias.range: strategy=range needs [begin, end), 0 <= begin < end; got {span}"
+            )
 
 
 def _check_sampling(cfg: DictConfig, report: Report) -> None:

@@ -1,4 +1,4 @@
-"""The latent-diffusion objective: targets, min-SNR weighting, noise offset."""
+"""The latent-diffusion objective: timesteps, targets, min-SNR weighting, noise offset."""
 
 from __future__ import annotations
 
@@ -20,6 +20,45 @@ def sample_noise(
         )
         noise = noise + noise_offset * offset[..., None, None]
     return noise
+
+
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")
+
+
+def timestep_weights(
+    num_train_timesteps: int,
+    strategy: str = "none",
+    multiplier: float = 1.0,
+    portion: float = 0.25,
+    span: tuple[int, int] | None = None,
+) -> Tensor | None:
+    """Relative probability of training at each timestep; None = uniform.
+
+    `earlier` favours the first `portion` of the timesteps (little noise: fine detail), `later` the last
+    (much noise: layout and shape), `range` the timesteps in `span` = [begin, end); each by `multiplier`.
+    """
+    if strategy == "none" or multiplier == 1.0:
+        return None
+    weights = torch.ones(num_train_timesteps)
+    count = max(1, round(num_train_timesteps * portion))
+    if strategy == "earlier":
+        weights[:count] = multiplier
+    elif strategy == "later":
+        weights[-count:] = multiplier
+    elif strategy == "range" and span is not None:
+        weights[span[0] : span[1]] = multiplier
+    else:
+        raise ValueError(f"unknown timestep bias {strategy!r}; use one of {', '.join(TIMESTEP_BIAS)}")
+    return weights
+
+
+def sample_timesteps(
+    count: int, num_train_timesteps: int, weights: Tensor | None, device: torch.device
+) -> Tensor:
+    """`count` training timesteps: uniform, or drawn with `timestep_weights`."""
+    if weights is None:
+        return torch.randint(0, num_train_timesteps, (count,), device=device)
+    return torch.multinomial(weights, count, replacement=True).to(device)
 
 
 def prediction_target(

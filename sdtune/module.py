@@ -19,6 +19,8 @@ from sdtune.losses import (
     prediction_target,
     prior_preservation_loss,
     sample_noise,
+    sample_timesteps,
+    timestep_weights,
 )
 from sdtune.models.loading import Stack, vae_scale_factor
 from sdtune.sampling import generate, make_scheduler
@@ -41,6 +43,7 @@ class DiffusionModule(pl.LightningModule):
         # Checkpoints hold only what trains; the frozen base comes from model.pretrained.
         self.strict_loading = False
         self.nonfinite = NonFiniteGuard(loss.max_nonfinite_steps)
+        self.timestep_weights = _timestep_weights(loss, stack.noise_scheduler.config.num_train_timesteps)
         self.vae_full_precision = False  # runtime.vae_dtype=float32: encode outside autocast
         self.fused_optimizer = False  # runtime.fused_optimizer: torch's fused AdamW when training on a GPU
 
@@ -105,8 +108,8 @@ class DiffusionModule(pl.LightningModule):
         """Denoising loss of each sample at a random timestep (min-SNR weighted if configured)."""
         scheduler = self.stack.noise_scheduler
         noise = sample_noise(latents, self.loss_cfg.noise_offset)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        timesteps = sample_timesteps(
+            latents.shape[0], scheduler.config.num_train_timesteps, self.timestep_weights, latents.device
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = self.unet(conditions.unet_input(noisy), timesteps, **conditions.unet_kwargs()).sample
@@ -212,6 +215,14 @@ class DiffusionModule(pl.LightningModule):
             )
         finally:
             self.train(was_training)
+
+
+def _timestep_weights(loss: DictConfig, num_train_timesteps: int) -> Tensor | None:
+    bias = loss.get("timestep_bias")
+    if not bias:
+        return None
+    span = tuple(bias.range) if bias.get("range") is not None else None
+    return timestep_weights(num_train_timesteps, bias.strategy, bias.multiplier, bias.portion, span)
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:

@@ -61,11 +61,12 @@ def test_bad_values_are_all_reported_at_once(train_cfg, tmp_path: Path) -> None:
         "trainer.max_steps=0",
         "loss.prediction_type=x0",
         f"resume={tmp_path}/nope",
+        "loss.timestep_bias.strategy=middle",
     )
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     message = str(info.value)
-    assert len(info.value.problems) == 7, message
+    assert len(info.value.problems) == 8, message
     for key in (
         "method.rank",
         "sampling.scheduler",
@@ -74,6 +75,7 @@ def test_bad_values_are_all_reported_at_once(train_cfg, tmp_path: Path) -> None:
         "trainer.max_steps",
         "loss.prediction_type",
         "resume",
+        "loss.timestep_bias.strategy",
     ):
         assert key in message
     assert "euler_a" in message  # the valid scheduler names are listed

@@ -1,7 +1,16 @@
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdtune.losses import min_snr_weights, per_sample_mse, prediction_target, sample_noise, snr
+from sdtune.losses import (
+    min_snr_weights,
+    per_sample_mse,
+    prediction_target,
+    sample_noise,
+    sample_timesteps,
+    snr,
+    timestep_weights,
+)
 
 
 def scheduler() -> DDPMScheduler:
@@ -55,3 +64,59 @@ def test_per_sample_mse() -> None:
     pred = torch.zeros(2, 1, 2, 2)
     target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
     torch.testing.assert_close(per_sample_mse(pred, target), torch.tensor([1.0, 4.0]))
+
+
+def test_timesteps_are_uniform_without_a_bias() -> None:
+    assert timestep_weights(1000) is None and timestep_weights(1000, "earlier", multiplier=1.0) is None
+    torch.manual_seed(0)
+    t = sample_timesteps(20000, 1000, None, torch.device("cpu"))
+    assert t.min() >= 0 and t.max() <= 999 and (t < 250).float().mean() == pytest.approx(0.25, abs=0.015)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "favoured", "share"),
+    [
+        # 250 timesteps at weight 3 against 750 at 1: they hold 750 / 1500 of the draws
+        ("earlier", lambda t: t < 250, 0.5),
+        ("later", lambda t: t >= 750, 0.5),
+        # 100 timesteps at weight 3 against 900 at 1: 300 / 1200
+        ("range", lambda t: (t >= 400) & (t < 500), 0.25),
+    ],
+)
+def test_timestep_bias_draws_the_favoured_timesteps_more_often(strategy, favoured, share) -> None:
+    weights = timestep_weights(1000, strategy, multiplier=3.0, portion=0.25, span=(400, 500))
+    torch.manual_seed(0)
+    t = sample_timesteps(40000, 1000, weights, torch.device("cpu"))
+    assert t.min() >= 0 and t.max() <= 999
+    assert favoured(t).float().mean() == pytest.approx(share, abs=0.015)
+
+
+def test_training_draws_its_timesteps_with_the_configured_bias(train_cfg, monkeypatch) -> None:
+    import sdtune.module
+    from sdtune.train import train
+
+    drawn: list[torch.Tensor] = []
+
+    def recorded(*args, **kwargs):
+        drawn.append(sample_timesteps(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(sdtune.module, "sample_timesteps", recorded)
+
+    run = train(
+        train_cfg(
+            "+experiment=lora",
+            "trainer.max_steps=2",
+            "data.num_images=4",
+            "data.batch_size=2",
+            "sampling.prompts=[]",
+            "export.formats=[]",
+            "logger=none",
+            "runtime.threads=1",
+            "loss.timestep_bias.strategy=range",
+            "loss.timestep_bias.range=[0,100]",
+            "loss.timestep_bias.multiplier=1e9",
+        )
+    )
+    assert run.trainer.global_step == 2
+    assert len(drawn) == 2 and all(int(t.max()) < 100 for t in drawn)  # a 1e9 bias toward [0, 100)
