@@ -123,7 +123,7 @@ def dreambooth(out: Path, scale: float) -> dict[str, Any]:
     for label, prior in (
         ("without_prior", ["data.class_prompt=null"]),
         # Twice the paper's prior weight: with the identifier learnt by the text encoder too, weight 1 let
-        # "a hexagon" drift 0.40 (vs 0.96 without a prior); weight 2 held it to 0.23.
+        # "a hexagon" drift 0.40 (vs 0.96 without a prior; instance on gray); weight 2 held it to 0.23.
         ("with_prior", [f"data.class_prompt='{class_prompt}'", "method.prior_loss_weight=2.0"]),
     ):
         run_dir, seconds = train(out, f"dreambooth_{label}", *common, *prior)

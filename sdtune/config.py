@@ -219,14 +219,17 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
 def _check_ema(ema: DictConfig, report: Report) -> None:
     from sdtune.callbacks.ema import DEVICES
 
-    if not 0 <= ema.decay < 1:
-        report(f"method.ema.decay: must be in [0, 1), e.g. 0.9999, got {ema.decay}")
-    if not isinstance(ema.update_every, int) or ema.update_every < 1:
-        report(f"method.ema.update_every: must be an integer >= 1, got {ema.update_every!r}")
-    if ema.device not in DEVICES:
-        report(f"method.ema.device: {ema.device!r} is not one of {', '.join(DEVICES)}")
-    if not isinstance(ema.warmup, bool):
-        report(f"method.ema.warmup: must be true or false, got {ema.warmup!r}")
+    # Keys left out (`method.ema={_target_: ..., decay: 0.999}` on a LoRA) take EMACallback's defaults.
+    decay, every = ema.get("decay", 0.9999), ema.get("update_every", 1)
+    device, warmup = ema.get("device", "same"), ema.get("warmup", True)
+    if not isinstance(decay, int | float) or not 0 <= decay < 1:
+        report(f"method.ema.decay: must be in [0, 1), e.g. 0.9999, got {decay!r}")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        report(f"method.ema.update_every: must be an integer >= 1, got {every!r}")
+    if device not in DEVICES:
+        report(f"method.ema.device: {device!r} is not one of {', '.join(DEVICES)}")
+    if not isinstance(warmup, bool):
+        report(f"method.ema.warmup: must be true or false, got {warmup!r}")
 
 
 def _check_data(cfg: DictConfig, report: Report) -> None:

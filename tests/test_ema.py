@@ -118,3 +118,12 @@ def test_averaged_weights_swap_in_and_back() -> None:
     assert torch.equal(weights(module), trained)
     with averaged_weights(SimpleNamespace(callbacks=[]), module) as swapped:
         assert not swapped and torch.equal(weights(module), trained)
+
+
+def test_a_lora_ema_given_only_its_decay_validates_with_the_callback_defaults(train_cfg) -> None:
+    from sdtune.config import ConfigError, validate
+
+    short = "method.ema={_target_:sdtune.callbacks.ema.EMACallback,decay:0.998}"
+    validate(train_cfg("+experiment=lora", short))
+    with pytest.raises(ConfigError, match="method.ema.decay"):
+        validate(train_cfg("+experiment=lora", short.replace("0.998", "1.5")))
