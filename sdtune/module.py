@@ -167,17 +167,23 @@ class DiffusionModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        if not optimizer.defaults.get("fused"):
+        # Two cases Lightning's precision plugins refuse, clipped here instead:
+        # - FSDP (trainer=fsdp): the norm of sharded gradients is only known to the root FSDP module, which
+        #   clips them itself (`clip_grad_norm_`, called on every rank).
+        # - a fused AdamW, which unscales fp16 gradients inside its step: that matters only under fp16 loss
+        #   scaling, where sdtune does not fuse; under bf16 nothing is scaled.
+        root = self.trainer.model
+        sharded = hasattr(root, "clip_grad_norm_")
+        if not (sharded or optimizer.defaults.get("fused")):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients itself
-        # (fused AdamW): that matters only under fp16's loss scaling, where sdtune does not fuse. Under bf16
-        # the gradients are not scaled, so they are clipped here as the plugin would.
         if not gradient_clip_val:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif sharded:
+            root.clip_grad_norm_(gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -172,9 +173,34 @@ def test_fused_optimizer_gradients_are_clipped(algorithm: str) -> None:
     for w in weights:
         w.grad = torch.full_like(w, 10.0)
     optimizer = torch.optim.AdamW(weights, fused=True)
-    DiffusionModule.configure_gradient_clipping(None, optimizer, 0.5, algorithm)  # type: ignore[arg-type]
+    module = SimpleNamespace(trainer=SimpleNamespace(model=torch.nn.Linear(1, 1)))
+    DiffusionModule.configure_gradient_clipping(module, optimizer, 0.5, algorithm)  # type: ignore[arg-type]
     grads = torch.cat([w.grad for w in weights])
     if algorithm == "norm":
         assert torch.linalg.vector_norm(grads) == pytest.approx(0.5, rel=1e-3)
     else:
         assert grads.abs().max() == pytest.approx(0.5)
+
+
+def test_fsdp_gradients_are_clipped_by_the_root_module() -> None:
+    """Lightning's FSDP precision plugin refuses norm clipping (the norm of sharded gradients needs every
+    shard); the root FSDP module's own `clip_grad_norm_` does it, on every rank."""
+    from sdtune.module import DiffusionModule
+
+    class Root(torch.nn.Module):  # stands in for FullyShardedDataParallel, which needs CUDA GPUs here
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[float] = []
+
+        def clip_grad_norm_(self, max_norm: float) -> None:
+            self.calls.append(max_norm)
+
+    weight = torch.nn.Parameter(torch.zeros(4))
+    weight.grad = torch.full_like(weight, 10.0)
+    root = Root()
+    module = SimpleNamespace(trainer=SimpleNamespace(model=root))
+    optimizer = torch.optim.AdamW([weight])
+    DiffusionModule.configure_gradient_clipping(module, optimizer, 0.5, "norm")  # type: ignore[arg-type]
+    assert root.calls == [0.5]
+    DiffusionModule.configure_gradient_clipping(module, optimizer, 0.5, "value")  # type: ignore[arg-type]
+    assert root.calls == [0.5] and weight.grad.max() == 0.5  # value clipping is per element: no root needed
