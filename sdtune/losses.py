@@ -46,6 +46,11 @@ def timestep_weights(
     elif strategy == "later":
         weights[-count:] = multiplier
     elif strategy == "range" and span is not None:
+        if not 0 <= span[0] < num_train_timesteps:
+            raise ValueError(
+                f"loss.timestep_bias.range: {list(span)} begins outside the scheduler's timesteps "
+                f"0..{num_train_timesteps - 1}"
+            )
         weights[span[0] : span[1]] = multiplier
     else:
         raise ValueError(f"unknown timestep bias {strategy!r}; use one of {', '.join(TIMESTEP_BIAS)}")

@@ -91,6 +91,11 @@ def test_timestep_bias_draws_the_favoured_timesteps_more_often(strategy, favoure
     assert favoured(t).float().mean() == pytest.approx(share, abs=0.015)
 
 
+def test_a_timestep_range_past_the_schedule_is_refused() -> None:
+    with pytest.raises(ValueError, match="loss.timestep_bias.range"):
+        timestep_weights(1000, "range", multiplier=2.0, span=(1000, 1200))
+
+
 def test_training_draws_its_timesteps_with_the_configured_bias(train_cfg, monkeypatch) -> None:
     import sdtune.module
     from sdtune.train import train
