@@ -82,6 +82,7 @@ def train(cfg: DictConfig) -> Run:
     conditioning.train_widened_input(stack.unet)  # peft adapters freeze everything else they find
     perf.apply_runtime(stack, cfg.runtime)
     module = build_module(stack, conditioning, cfg)
+    check_exports(cfg, module, datamodule, run_dir)
 
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -123,6 +124,20 @@ def build_module(stack: Any, conditioning: Any, cfg: DictConfig) -> pl.Lightning
     from sdtune.module import DiffusionModule
 
     return DiffusionModule(stack, conditioning, cfg.method, cfg.loss)
+
+
+def check_exports(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path) -> None:
+    """Refuse, before training, export formats that cannot hold what this run trains."""
+    if cfg.method.name == "vae":
+        return
+    from sdtune.formats.exporters import context_from_module, rehearse_exports
+
+    ctx = context_from_module(
+        module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
+    )
+    problems = rehearse_exports(ctx, list(cfg.export.formats))
+    if problems:
+        raise ConfigError(problems)
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -220,3 +220,28 @@ def test_export_cli_from_a_checkpoint_matches_the_run_export(run, tmp_path) -> N
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_formats_that_cannot_hold_the_training_are_refused_before_it(tmp_path) -> None:
+    """A LoRA on the token embedding has no kohya key: refused before the first step, naming the format."""
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        "train",
+        [
+            "+experiment=lora",
+            "trainer.max_steps=2",
+            "data.num_images=4",
+            "data.batch_size=2",
+            "sampling.prompts=[]",
+            "logger=none",
+            "method.train_text_encoder=true",
+            "method.text_encoder_target_modules=[q_proj,token_embedding]",
+            "export.formats=[peft,kohya]",
+        ],
+        run_dir,
+    )
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    assert len(info.value.problems) == 1 and "export.formats: kohya" in str(info.value)
+    assert "token_embedding" in str(info.value)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "lora").exists()  # nothing trained

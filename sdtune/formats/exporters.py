@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,31 @@ RUN_PATHS = {
     "embedding": "embeddings/learned_embeds.safetensors",
     "a1111_embedding": "embeddings",
 }
+
+
+# Formats as small as the trained adapter or embeddings: cheap to write once before training.
+REHEARSED = ("diffusers", "kohya", "peft", "embedding", "a1111_embedding")
+
+
+def rehearse_exports(ctx: ExportContext, formats: list[str]) -> list[str]:
+    """Write each adapter-sized format to a scratch folder before training; what cannot be exported (say, a
+    LoRA target that has no kohya key) comes back as a message naming the format, not after the training.
+
+    Full-model formats (merged, pipeline, single_file) are not rehearsed: writing them costs a model's size.
+    """
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="sdtune-export-check-") as scratch:
+        for fmt in formats:
+            if fmt not in REHEARSED:
+                continue
+            try:
+                EXPORTERS[fmt](ctx, Path(scratch) / RUN_PATHS[fmt])
+            except ValueError as error:  # ExportError and the converters' key errors
+                problems.append(
+                    f"export.formats: {fmt} cannot hold what this run trains ({error}); remove {fmt} from "
+                    "export.formats or change what trains"
+                )
+    return problems
 
 
 def export_run(ctx: ExportContext, run_dir: Path, formats: list[str]) -> list[dict[str, str]]:
