@@ -30,7 +30,8 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
     if (source / MANIFEST).is_file():
         run_cfg = OmegaConf.load(source / ".hydra" / "config.yaml")
         exports = {e.format: source / e.path for e in OmegaConf.load(source / MANIFEST).exports}
-        lora = str(exports["diffusers"]) if "diffusers" in exports else None
+        lora_file = exports.get("diffusers", exports.get("kohya"))  # diffusers' loader reads both
+        lora = str(lora_file) if lora_file is not None else None
         embedding = str(exports["embedding"]) if "embedding" in exports else None
         model = run_cfg.model
         pipeline = exports.get("pipeline", exports.get("merged"))
@@ -65,7 +66,19 @@ def source_problems(cfg: DictConfig) -> list[str]:
             f"source: {cfg.source!r} is neither a finished sdtune run (no {MANIFEST}: a run that stopped "
             "early has only checkpoints/; resume it to finish) nor a diffusers folder (no model_index.json)"
         ]
+    if (source / MANIFEST).is_file():
+        formats = [e.format for e in OmegaConf.load(source / MANIFEST).exports]
+        if not set(formats) & LOADABLE_EXPORTS:
+            return [
+                f"source: the run {cfg.source!r} exported {formats or 'nothing'}, none of which sampling "
+                f"reads ({', '.join(sorted(LOADABLE_EXPORTS))}); without one it would sample the bare base. "
+                f"Export one first: python -m sdtune.export source={cfg.source} format=diffusers out=<folder>"
+            ]
     return []
+
+
+# What a run's source can be sampled from: its LoRA (diffusers or kohya file), full pipeline or embedding.
+LOADABLE_EXPORTS = {"diffusers", "kohya", "pipeline", "merged", "embedding"}
 
 
 def source_family(cfg: DictConfig) -> str:

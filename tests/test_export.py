@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import PeftModel
+from PIL import Image
 from safetensors import safe_open
 
 from sdtune.config import ConfigError
@@ -245,3 +247,29 @@ def test_formats_that_cannot_hold_the_training_are_refused_before_it(tmp_path) -
     assert len(info.value.problems) == 1 and "export.formats: kohya" in str(info.value)
     assert "token_embedding" in str(info.value)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "lora").exists()  # nothing trained
+
+
+def test_a_run_that_exported_only_kohya_samples_through_it(run, tmp_path) -> None:
+    """Sampling a run reads its diffusers LoRA, or its kohya file when that is all it exported."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from sdtune.sample import sample
+
+    only_kohya = tmp_path / "run"
+    shutil.copytree(run.run_dir / ".hydra", only_kohya / ".hydra")
+    shutil.copy(run.run_dir / "lora" / "kohya.safetensors", only_kohya / "kohya.safetensors")
+    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    manifest["exports"] = [{"format": "kohya", "path": "kohya.safetensors"}]
+    (only_kohya / "manifest.json").write_text(json.dumps(manifest))
+
+    def draw(source):
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        args = [f"source={source}", "prompt=a red star", "steps=3", "seed=3", f"out={out}"]
+        (path,) = sample(compose_config("sample", args))
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    kohya, diffusers, base = draw(only_kohya), draw(run.run_dir), draw(Path("tiny"))
+    assert np.abs(kohya - diffusers).max() <= 2, "the kohya file reproduces the diffusers LoRA"
+    assert np.abs(kohya - base).max() > 20, "the LoRA was not applied"

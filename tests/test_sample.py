@@ -75,3 +75,18 @@ def test_a_source_that_is_no_run_and_no_pipeline_is_named(tmp_path: Path) -> Non
     for source, expected in ((tmp_path / "absent", "does not exist"), (stopped, "no manifest.json")):
         with pytest.raises(ConfigError, match=expected):
             sample(sample_cfg(f"source={source}", "prompt=x", f"out={tmp_path / 'out'}"))
+
+
+def test_a_run_without_a_loadable_export_is_refused_not_sampled_as_the_base(tmp_path: Path) -> None:
+    """A run that exported only a peft folder (or nothing) would otherwise be sampled as the bare base."""
+    import json
+
+    from sdtune.evaluate import run as evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"exports": [{"format": "peft", "path": "lora/peft"}]}))
+    with pytest.raises(ConfigError, match=r"exported \['peft'\].*sdtune.export source="):
+        sample(sample_cfg(f"source={run}", "prompt=x", f"out={tmp_path / 'out'}"))
+    with pytest.raises(ConfigError, match=r"exported \['peft'\]"):
+        evaluate(compose_config("evaluate", [f"source={run}", f"out={tmp_path / 'eval'}"]))
