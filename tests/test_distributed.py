@@ -483,9 +483,24 @@ def accounted_state(job_id: str) -> str:
             text=True,
             timeout=30,
         )
-        return out.stdout.strip()
+        # slurmdbd records the end a moment after the job leaves the queue: until then sacct says RUNNING
+        recorded = out.stdout.strip()
+        return recorded if recorded.startswith(FINAL_JOB_STATES) else ""
 
-    return wait_until(state, 30, f"job {job_id} in sacct")
+    return wait_until(state, 60, f"job {job_id}'s final state in sacct")
+
+
+FINAL_JOB_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "PREEMPTED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
 
 
 def sbatch(*args: str, cwd: Path, env: dict[str, str], jobs: list[str]) -> str:
