@@ -45,11 +45,11 @@ def timestep_weights(
         weights[:count] = multiplier
     elif strategy == "later":
         weights[-count:] = multiplier
-    elif strategy == "range" and span is not None:
-        if not 0 <= span[0] < num_train_timesteps:
+    elif strategy == "range":
+        if span is None or not 0 <= span[0] < num_train_timesteps:
             raise ValueError(
-                f"loss.timestep_bias.range: {list(span)} begins outside the scheduler's timesteps "
-                f"0..{num_train_timesteps - 1}"
+                f"loss.timestep_bias.range: {span and list(span)} must begin within the scheduler's "
+                f"timesteps 0..{num_train_timesteps - 1}"
             )
         weights[span[0] : span[1]] = multiplier
     else:

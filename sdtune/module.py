@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sdtune.conditioning import ConditioningStack, Conditions
 from sdtune.conditioning.text import with_micro_conditioning
+from sdtune.config import ConfigError
 from sdtune.losses import (
     NonFiniteGuard,
     min_snr_weights,
@@ -179,11 +180,12 @@ class DiffusionModule(pl.LightningModule):
             return
         if not gradient_clip_val:
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        elif sharded:
+        if sharded and gradient_clip_algorithm != "value":
             root.clip_grad_norm_(gradient_clip_val)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":  # per element: the same on shards
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
@@ -228,7 +230,10 @@ def _timestep_weights(loss: DictConfig, num_train_timesteps: int) -> Tensor | No
     if not bias:
         return None
     span = tuple(bias.range) if bias.get("range") is not None else None
-    return timestep_weights(num_train_timesteps, bias.strategy, bias.multiplier, bias.portion, span)
+    try:
+        return timestep_weights(num_train_timesteps, bias.strategy, bias.multiplier, bias.portion, span)
+    except ValueError as error:  # only the scheduler's length is checked here; the rest by validation
+        raise ConfigError([str(error)]) from None
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:

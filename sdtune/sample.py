@@ -23,6 +23,10 @@ from sdtune.sampling import SCHEDULERS
 CONDITION_INPUTS = ("map", "image", "representation")  # sample.yaml keys naming condition files
 
 
+# What a run's source can be sampled from: its LoRA (diffusers or kohya file), full pipeline or embedding.
+LOADABLE_EXPORTS = {"diffusers", "kohya", "pipeline", "merged", "embedding"}
+
+
 def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
     """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`; the
     resolution of a base model (None) is its own, known once it is loaded (`native_resolution`)."""
@@ -75,10 +79,6 @@ def source_problems(cfg: DictConfig) -> list[str]:
                 f"Export one first: python -m sdtune.export source={cfg.source} format=diffusers out=<folder>"
             ]
     return []
-
-
-# What a run's source can be sampled from: its LoRA (diffusers or kohya file), full pipeline or embedding.
-LOADABLE_EXPORTS = {"diffusers", "kohya", "pipeline", "merged", "embedding"}
 
 
 def source_family(cfg: DictConfig) -> str:

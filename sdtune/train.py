@@ -130,14 +130,19 @@ def check_exports(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path) 
     """Refuse, before training, export formats that cannot hold what this run trains."""
     if cfg.method.name == "vae":
         return
-    from sdtune.formats.exporters import context_from_module, rehearse_exports
+    from sdtune.formats.exporters import rehearse_exports
 
-    ctx = context_from_module(
-        module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
-    )
-    problems = rehearse_exports(ctx, list(cfg.export.formats))
+    problems = rehearse_exports(export_context(cfg, module, datamodule, run_dir), list(cfg.export.formats))
     if problems:
         raise ConfigError(problems)
+
+
+def export_context(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path) -> Any:
+    from sdtune.formats.exporters import context_from_module
+
+    return context_from_module(
+        module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
+    )
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -162,14 +167,13 @@ def finish(
 ) -> None:
     """Rank 0: export the weights (the EMA average if kept) in each configured format; write the manifest."""
     from sdtune.callbacks.ema import averaged_weights
-    from sdtune.formats.exporters import context_from_module, export_run
+    from sdtune.formats.exporters import export_run
     from sdtune.run import write_manifest
 
     with averaged_weights(trainer if cfg.export.ema else None, module) as ema_exported:
-        ctx = context_from_module(
-            module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
+        exports = export_run(
+            export_context(cfg, module, datamodule, run_dir), run_dir, list(cfg.export.formats)
         )
-        exports = export_run(ctx, run_dir, list(cfg.export.formats))
     write_manifest(
         run_dir,
         base_model=module.stack.base_model,

@@ -92,8 +92,10 @@ def test_timestep_bias_draws_the_favoured_timesteps_more_often(strategy, favoure
 
 
 def test_a_timestep_range_past_the_schedule_is_refused() -> None:
-    with pytest.raises(ValueError, match="loss.timestep_bias.range"):
+    with pytest.raises(ValueError, match="loss.timestep_bias.range.*0..999"):
         timestep_weights(1000, "range", multiplier=2.0, span=(1000, 1200))
+    with pytest.raises(ValueError, match="loss.timestep_bias.range"):
+        timestep_weights(1000, "range", multiplier=2.0)
 
 
 def test_training_draws_its_timesteps_with_the_configured_bias(train_cfg, monkeypatch) -> None:
@@ -125,3 +127,17 @@ def test_training_draws_its_timesteps_with_the_configured_bias(train_cfg, monkey
     )
     assert run.trainer.global_step == 2
     assert len(drawn) == 2 and all(int(t.max()) < 100 for t in drawn)  # a 1e9 bias toward [0, 100)
+
+
+def test_a_timestep_range_past_the_models_schedule_is_a_config_error(train_cfg) -> None:
+    from sdtune.config import ConfigError
+    from sdtune.train import train
+
+    cfg = train_cfg(
+        "+experiment=lora",
+        "logger=none",
+        "loss.timestep_bias.strategy=range",
+        "loss.timestep_bias.range=[2000,3000]",  # valid on its own; the tiny model has 1,000 timesteps
+    )
+    with pytest.raises(ConfigError, match=r"loss.timestep_bias.range.*0..999"):
+        train(cfg)
