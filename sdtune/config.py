@@ -60,9 +60,7 @@ def validate(cfg: DictConfig) -> None:
     problems: list[str] = []
     from sdtune.distributed import check_distributed
 
-    missing = missing_keys(cfg)
-    if missing:  # the other checks would trip over them
-        raise ConfigError([f"{key}: required; set it on the command line ({key}=...)" for key in missing])
+    require_given(cfg)  # the other checks would trip over missing keys
 
     checks = (
         _check_model,
@@ -90,6 +88,13 @@ def validate(cfg: DictConfig) -> None:
 
 
 Report = Callable[[str], None]
+
+
+def require_given(cfg: DictConfig) -> None:
+    """A ConfigError naming each key left at `???` (sdtune.train/sample/export give some none by default)."""
+    missing = missing_keys(cfg)
+    if missing:
+        raise ConfigError([f"{key}: required; set it on the command line ({key}=...)" for key in missing])
 
 
 def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:

@@ -11,7 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdtune.config import ConfigError
+from sdtune.config import ConfigError, require_given
 from sdtune.formats.exporters import EXPORTERS, ExportError
 from sdtune.run import MANIFEST
 
@@ -26,6 +26,7 @@ def locate(source: str) -> tuple[Path, Path]:
 
 def check(cfg: DictConfig) -> tuple[Path, Path]:
     """Every problem with the request at once, before any model loads."""
+    require_given(cfg)
     problems = []
     run_dir, checkpoint = locate(str(cfg.source))
     if not checkpoint.is_file():

@@ -24,6 +24,7 @@ from sdtune.losses import (
     timestep_weights,
 )
 from sdtune.models.loading import Stack, vae_scale_factor
+from sdtune.precision import MasterWeights, over_masters
 from sdtune.sampling import generate, make_scheduler
 
 
@@ -47,6 +48,9 @@ class DiffusionModule(pl.LightningModule):
         self.timestep_weights = _timestep_weights(loss, stack.noise_scheduler.config.num_train_timesteps)
         self.vae_full_precision = False  # runtime.vae_dtype=float32: encode outside autocast
         self.fused_optimizer = False  # runtime.fused_optimizer: torch's fused AdamW when training on a GPU
+        self.master_weights = False  # trainer.precision=bf16-true: the optimizer steps fp32 copies
+        self.masters: MasterWeights | None = None  # built with the optimizer
+        self._resumed_masters: dict[str, Tensor] | None = None  # fp32 values from a checkpoint
 
     # ---- training ---------------------------------------------------------------------------------------
 
@@ -136,6 +140,11 @@ class DiffusionModule(pl.LightningModule):
     def trainable_parameters(self) -> dict[str, Tensor]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
+    def full_precision_weights(self) -> dict[str, Tensor]:
+        """The trainable weights as the optimizer steps them: the fp32 masters under bf16-true, else the
+        parameters themselves (what an EMA should average)."""
+        return self.masters.named() if self.masters is not None else self.trainable_parameters()
+
     def configure_optimizers(self) -> dict[str, Any]:
         from diffusers.optimization import get_scheduler
 
@@ -146,6 +155,9 @@ class DiffusionModule(pl.LightningModule):
         if text_params:
             groups.append({"params": text_params, "lr": method.text_encoder_lr})
         extra = {"fused": True} if self.fused_optimizer and _fusable(method.optimizer, unet_params) else {}
+        if self.master_weights:
+            self.masters = MasterWeights(self.trainable_parameters(), self._resumed_masters)
+            groups = over_masters(groups, self.masters)
         optimizer = _optimizer_class(method.optimizer)(
             groups,
             lr=method.lr,
@@ -160,7 +172,13 @@ class DiffusionModule(pl.LightningModule):
             num_warmup_steps=method.lr_warmup_steps,
             num_training_steps=self.trainer.max_steps,
         )
+        if self.masters is not None:
+            optimizer.register_step_post_hook(self.masters.write_back)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.masters is not None:  # before clipping, which then sees the fp32 gradients it steps
+            self.masters.take_grads()
 
     def configure_gradient_clipping(
         self,
@@ -192,12 +210,20 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_parameters()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.masters is not None:  # resume exactly: the fp32 values, not their bf16 rounding
+            checkpoint["state_dict"].update({k: v.detach().clone() for k, v in self.masters.named().items()})
         self.nonfinite.check_weights(checkpoint["state_dict"], self.global_step)  # never save broken weights
         checkpoint["sdtune"] = {"method": self.method.name, "base_model": self.stack.base_model}
         checkpoint["sdtune"]["nonfinite_steps"] = self.nonfinite.total
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite.total = checkpoint.get("sdtune", {}).get("nonfinite_steps", 0)
+        trainable = self.trainable_parameters()
+        values = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k in trainable}
+        if self.masters is not None:  # the strategy restores after building the optimizer
+            self.masters.load(values)
+        elif self.master_weights:  # restored before the module is cast to bf16: the masters start from these
+            self._resumed_masters = values
 
     # ---- sampling ---------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from sdtune.config import ConfigError
+from sdtune.precision import MASTER_PRECISIONS, needs_masters
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,25 @@ def check_runtime(cfg: DictConfig, report: Any) -> None:
             report(f"runtime.{key}: {runtime[key]!r} is not one of null, float32, bfloat16, float16")
     precision = str(cfg.trainer.precision)
     weight = DTYPES.get(runtime.weight_dtype or "float32")
-    if weight in MIXED_PRECISION and precision not in MIXED_PRECISION[weight]:
+    if weight in MIXED_PRECISION and precision not in MIXED_PRECISION[weight] + MASTER_PRECISIONS:
         name = MIXED_PRECISION[weight][0]
         report(
             f"runtime.weight_dtype: a {runtime.weight_dtype} frozen base is computed under autocast; set "
             f"trainer.precision={name} (trainable weights stay float32), or runtime.weight_dtype=null"
         )
+    if precision in MASTER_PRECISIONS:
+        _check_pure_bf16(cfg, runtime, report)
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
     if on_cpu and torch.float16 in (weight, DTYPES.get(runtime.vae_dtype or "float32")):
         report("runtime.weight_dtype/vae_dtype: float16 needs a GPU; on CPU use bfloat16 or null")
-    for key in ("cudnn_benchmark", "fused_optimizer", "channels_last", "compile", "gradient_checkpointing"):
+    for key in (
+        "master_weights",
+        "cudnn_benchmark",
+        "fused_optimizer",
+        "channels_last",
+        "compile",
+        "gradient_checkpointing",
+    ):
         if not isinstance(runtime.get(key, False), bool):
             report(f"runtime.{key}: must be true or false, got {runtime.get(key)!r}")
     if runtime.attention not in ATTENTION:
@@ -159,6 +169,24 @@ def check_runtime(cfg: DictConfig, report: Any) -> None:
     aspect = cfg.data.get("bucket_max_aspect", 2.0)
     if not isinstance(aspect, (int, float)) or aspect < 1:
         report(f"data.bucket_max_aspect: must be a number >= 1 (2.0 = up to 2:1), got {aspect!r}")
+
+
+def _check_pure_bf16(cfg: DictConfig, runtime: DictConfig, report: Any) -> None:
+    """bf16-true casts every weight to bf16 (Lightning's HalfPrecision): other dtypes cannot hold."""
+    for key in ("weight_dtype", "vae_dtype"):
+        if runtime[key] not in (None, "bfloat16"):
+            report(
+                f"runtime.{key}: trainer.precision=bf16-true computes every weight in bfloat16, so "
+                f"{runtime[key]} cannot apply; set runtime.{key}=null, or trainer.precision=bf16-mixed "
+                "(autocast) to keep it"
+            )
+    from sdtune.distributed import strategy_name
+
+    if runtime.get("master_weights", True) and strategy_name(cfg.trainer) == "fsdp":
+        report(
+            "trainer.precision=bf16-true: sdtune's fp32 master weights do not cover FSDP's sharded "
+            "parameters; with trainer=fsdp use trainer.precision=bf16-mixed"
+        )
 
 
 def _check_quantize(cfg: DictConfig, runtime: DictConfig, on_cpu: bool, report: Any) -> None:
@@ -304,6 +332,7 @@ def prepare_training(cfg: DictConfig, datamodule: Any, module: Any) -> list[pl.C
     # fp16's loss scaling needs the gradients unscaled before clipping, which a fused AdamW does in its step.
     fp16_scaled = str(cfg.trainer.get("precision")) in ("16-mixed", "16")
     module.fused_optimizer = bool((cfg.get("runtime") or {}).get("fused_optimizer", True)) and not fp16_scaled
+    module.master_weights = needs_masters(cfg.trainer.get("precision"), cfg.get("runtime"))
     if not cfg.data.get("cache_latents"):
         return []
     from sdtune.data.cache import cache_device, prepare_cache

@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sdtune.config import ConfigError
+from sdtune.config import ConfigError, require_given
 from sdtune.io import atomic_path
 from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
@@ -116,6 +116,7 @@ def guidance_problems(cfg: DictConfig, cond_cfg: DictConfig) -> list[str]:
 
 
 def check(cfg: DictConfig) -> None:
+    require_given(cfg)
     source_bad = source_problems(cfg)  # the source's conditions are checked only if it loads
     problems = request_problems(cfg) + source_bad
     if not source_bad:

@@ -273,3 +273,8 @@ def test_a_run_that_exported_only_kohya_samples_through_it(run, tmp_path) -> Non
     kohya, diffusers, base = draw(only_kohya), draw(run.run_dir), draw(Path("tiny"))
     assert np.abs(kohya - diffusers).max() <= 2, "the kohya file reproduces the diffusers LoRA"
     assert np.abs(kohya - base).max() > 20, "the LoRA was not applied"
+
+
+def test_export_names_a_missing_out(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"out: required"):
+        export(compose_config("export", [f"source={tmp_path}", "format=kohya"]))

@@ -90,3 +90,8 @@ def test_a_run_without_a_loadable_export_is_refused_not_sampled_as_the_base(tmp_
         sample(sample_cfg(f"source={run}", "prompt=x", f"out={tmp_path / 'out'}"))
     with pytest.raises(ConfigError, match=r"exported \['peft'\]"):
         evaluate(compose_config("evaluate", [f"source={run}", f"out={tmp_path / 'eval'}"]))
+
+
+def test_a_missing_required_key_is_named_not_a_traceback() -> None:
+    with pytest.raises(ConfigError, match=r"out: required; set it on the command line \(out=\.\.\.\)"):
+        sample(sample_cfg("source=tiny", "prompt=a red circle"))

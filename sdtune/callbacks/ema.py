@@ -78,7 +78,7 @@ class EMACallback(pl.Callback):
         """Begin averaging the module's trainable parameters (from their current values)."""
         from diffusers.training_utils import EMAModel
 
-        params = pl_module.trainable_parameters()
+        params = _averaged(pl_module)
         self.names = list(params)
         # min_decay = decay turns diffusers' warmup ramp min(decay, u/(u+9)) into a constant decay.
         self.ema = EMAModel(
@@ -91,7 +91,8 @@ class EMACallback(pl.Callback):
 
     def update(self, pl_module: Any) -> None:
         """One EMA update from the module's current weights."""
-        params = self._params(pl_module)
+        current = _averaged(pl_module)
+        params = [current[name] for name in self.names]
         if self.device == "cpu" and params and params[0].device.type != "cpu":
             # diffusers' --offload_ema: average beside the weights, keep the result in host memory.
             self.ema.to(device=params[0].device)
@@ -133,6 +134,12 @@ class EMACallback(pl.Callback):
         self.ema.shadow_params = [tensor.to(current[name].device) for name, tensor in shadow.items()]
         self.ema.optimization_step = int(state["updates"])
         self._pending = None
+
+
+def _averaged(pl_module: Any) -> dict[str, Tensor]:
+    # Under bf16-true the fp32 master weights: an average kept in bf16 would round its small steps away.
+    full = getattr(pl_module, "full_precision_weights", None)
+    return full() if full is not None else pl_module.trainable_parameters()
 
 
 def find_ema(trainer: pl.Trainer | None) -> EMACallback | None:
