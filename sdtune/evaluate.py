@@ -34,9 +34,6 @@ def check(cfg: DictConfig) -> None:
     problems = request_problems(cfg) + source_bad + metric_problems(cfg.metrics)
     if not source_bad:
         problems += guidance_problems(cfg, source_configs(cfg)[1])
-    for key in ("per_prompt", "batch_size"):
-        if cfg[key] < 1:
-            problems.append(f"{key}: must be >= 1, got {cfg[key]}")
     try:
         prompts = prompts_from_config(cfg)
     except (KeyError, TypeError, ValueError) as error:

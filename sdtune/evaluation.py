@@ -100,14 +100,18 @@ def foreground_iou(image: Image.Image, label_map: np.ndarray) -> float:
 
 
 def check_prompts(prompts: list[Prompt]) -> list[str]:
-    """Problems with expected values the judge cannot read (a typo would score 0% silently)."""
+    """Problems with expected values the judge cannot read (a typo would score 0% silently): one line per
+    unknown value, however many prompts of a template carry it."""
     known = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
-    problems = []
+    unknown: dict[tuple[str, str], list[str]] = {}
     for prompt in prompts:
         for name, value in prompt.expected().items():
             if value not in known[name]:
-                choices = list(known[name])
-                problems.append(f"prompts: {prompt.text!r}: {name} {value!r} is not one of {choices}")
+                unknown.setdefault((name, value), []).append(prompt.text)
+    problems = []
+    for (name, value), texts in unknown.items():
+        where = repr(texts[0]) if len(texts) == 1 else f"{len(texts)} prompts, e.g. {texts[0]!r}"
+        problems.append(f"prompts: {name} {value!r} ({where}) is not one of {list(known[name])}")
     return problems
 
 

@@ -95,15 +95,23 @@ def source_family(cfg: DictConfig) -> str:
 
 
 def request_problems(cfg: DictConfig) -> list[str]:
-    """What `sdtune.sample` and `sdtune.evaluate` both check besides the source: scheduler, files, steps."""
+    """What `sdtune.sample` and `sdtune.evaluate` both check besides the source: scheduler, files, numbers."""
     problems = []
     if cfg.scheduler not in SCHEDULERS:
         problems.append(f"scheduler: unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
     for key in ("lora", "embedding"):
         if cfg[key] is not None and not Path(cfg[key]).expanduser().is_file():
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
-    if cfg.steps < 1:
-        problems.append(f"steps: must be >= 1, got {cfg.steps}")
+    counts = [k for k in ("steps", "num_images", "per_prompt", "batch_size") if k in cfg]
+    for key in counts:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key}: must be an integer >= 1, got {value!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        problems.append(f"seed: must be an integer, got {cfg.seed!r}")
+    guidance = cfg.guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+        problems.append(f"guidance: must be a number >= 0 (1 = no guidance), got {guidance!r}")
     return problems
 
 

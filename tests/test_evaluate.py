@@ -120,6 +120,8 @@ def test_evaluate_refuses_bad_requests_before_loading(tmp_path: Path) -> None:
         )
     message = str(error.value)
     assert "'blob'" in message and "scheduler" in message and "per_prompt" in message
+    assert message.count("'blob'") == 1, "one line for the unknown shape, not one per prompt"
+    assert "shape 'blob' (18 prompts, e.g. 'a red blob on a black background')" in message
     assert "lora: file" in message and "source:" in message
 
     with pytest.raises(

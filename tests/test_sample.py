@@ -69,6 +69,17 @@ def test_bad_inputs_are_refused_before_loading(tmp_path: Path) -> None:
     assert existing.read_bytes() == b"user file"
 
 
+def test_numbers_of_the_wrong_type_are_named_not_a_traceback(tmp_path: Path) -> None:
+    bad = ["guidance=abc", "steps=2.5", "num_images=0", "seed=x"]
+    with pytest.raises(ConfigError) as info:
+        sample(sample_cfg("source=tiny", "prompt=x", f"out={tmp_path / 'x.png'}", *bad))
+    message = str(info.value)
+    assert "guidance: must be a number >= 0" in message and "got 'abc'" in message
+    assert "steps: must be an integer >= 1, got 2.5" in message
+    assert "num_images: must be an integer >= 1, got 0" in message
+    assert "seed: must be an integer, got 'x'" in message
+
+
 def test_a_source_that_is_no_run_and_no_pipeline_is_named(tmp_path: Path) -> None:
     stopped = tmp_path / "run"
     (stopped / "checkpoints").mkdir(parents=True)
