@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -74,6 +75,7 @@ def validate(cfg: DictConfig) -> None:
         _check_conditioning,
         check_distributed,
         _check_runtime,
+        _check_numbers,
     )
     for check in checks:
         check(cfg, problems.append)
@@ -173,6 +175,87 @@ def _check_pickle(path: Path, allow_pickle: bool, report: Report) -> None:
         report(f"model.pretrained: cannot read {path} as a PyTorch checkpoint ({error})")
 
 
+# trainer.precision values Lightning accepts (sdtune's own checks key on these spellings)
+PRECISIONS = (
+    *("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "32", "bf16", "16", "64"),
+    *("transformer-engine", "transformer-engine-float16"),
+)
+_EVERY = "an integer >= 0 (0 = only at the end)"
+
+
+def _require(report: Report, key: str, value: Any, test: Callable[[Any], bool], what: str) -> None:
+    """Report `key` unless `value` is a number (not a bool) that passes `test`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+        report(f"{key}: must be {what}, got {value!r}")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int)
+
+
+# Numeric keys the other checks do not cover, by what they must be (a string where a number belongs would
+# otherwise fail deep in Lightning or torch with a TypeError). Keys absent from a config are skipped.
+NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(
+        ["model.resolution", "data.num_images", "data.synthetic.num_images", "trainer.log_every_n_steps"]
+        + ["sampling.per_prompt", "evaluation.per_prompt", "evaluation.steps", "evaluation.batch_size"],
+        (_count, "an integer >= 1"),
+    ),
+    **dict.fromkeys(
+        ["seed", "data.seed", "data.synthetic.seed", "data.class_generation.seed", "sampling.seed"]
+        + ["evaluation.seed", "trainer.num_sanity_val_steps", "callbacks.checkpoint.save_top_k"],
+        (_integer, "an integer"),
+    ),
+    **dict.fromkeys(
+        ["data.num_workers", "evaluation.every_n_steps"],
+        (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ),
+    **dict.fromkeys(
+        ["method.weight_decay", "loss.noise_offset", "sampling.guidance", "evaluation.guidance"]
+        + ["data.class_generation.guidance", "trainer.limit_val_batches"],
+        (lambda v: v >= 0, "a number >= 0"),
+    ),
+    "method.eps": (lambda v: v > 0, "a positive number"),
+}
+NULLABLE = {"trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null")}
+NULLABLE["callbacks.checkpoint.every_n_train_steps"] = (
+    lambda v: _integer(v) and v >= 0,
+    "an integer >= 0 or null",
+)
+
+
+def _check_numbers(cfg: DictConfig, report: Report) -> None:
+    absent = object()
+    for table, nullable in ((NUMBERS, False), (NULLABLE, True)):
+        for key, (test, what) in table.items():
+            value = OmegaConf.select(cfg, key, default=absent)
+            if value is absent or (nullable and value is None):
+                continue
+            _require(report, key, value, test, what)
+    betas = OmegaConf.select(cfg, "method.betas", default=absent)
+    if betas is not absent and not (
+        isinstance(betas, ListConfig | list | tuple)
+        and len(betas) == 2
+        and all(not isinstance(b, bool) and isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+    ):
+        report(f"method.betas: must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
+    devices = OmegaConf.select(cfg, "trainer.devices", default=absent)
+    if devices is not absent and not _devices_ok(devices):
+        report(f"trainer.devices: must be auto, an integer >= 1 or a list of device indices, got {devices!r}")
+
+
+def _devices_ok(devices: Any) -> bool:
+    if devices in ("auto", -1) or (_count(devices) and not isinstance(devices, bool)):
+        return True
+    if isinstance(devices, str):  # Lightning also takes "0,1" or "2"
+        return all(part.strip().isdigit() for part in devices.split(",") if part.strip())
+    return isinstance(devices, ListConfig | list) and all(_integer(d) and d >= 0 for d in devices)
+
+
 def _check_method(cfg: DictConfig, report: Report) -> None:
     from sdtune.models.adapters import METHODS, VARIANTS
 
@@ -192,8 +275,7 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
             report(
                 "method.target_modules: must list at least one module name, e.g. [to_q, to_k, to_v, to_out.0]"
             )
-        if not 0 <= method.dropout < 1:
-            report(f"method.dropout: must be in [0, 1), got {method.dropout}")
+        _require(report, "method.dropout", method.dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
         init_from = method.get("init_from")
         if init_from is not None and not Path(init_from).expanduser().is_file():
             report(f"method.init_from: LoRA file {init_from!r} does not exist")
@@ -205,18 +287,21 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 "method.weight_decay: must be 0 for textual inversion (decay would shrink the frozen rows "
                 "of the embedding matrix)"
             )
-        if method.num_vectors < 1:
-            report(f"method.num_vectors: must be >= 1, got {method.num_vectors}")
+        _require(report, "method.num_vectors", method.num_vectors, _count, "an integer >= 1")
     if method.optimizer not in OPTIMIZERS:
         report(f"method.optimizer: {method.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if not method.lr > 0:
-        report(f"method.lr: must be positive, got {method.lr}")
+    _require(report, "method.lr", method.lr, lambda v: v > 0, "a positive number")
+    if method.get("text_encoder_lr") is not None:
+        _require(
+            report, "method.text_encoder_lr", method.text_encoder_lr, lambda v: v > 0, "a positive number"
+        )
     if method.lr_scheduler not in LR_SCHEDULERS:
         report(f"method.lr_scheduler: {method.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
-    if method.lr_warmup_steps < 0:
-        report(f"method.lr_warmup_steps: must be >= 0, got {method.lr_warmup_steps}")
-    if not method.prior_loss_weight >= 0:
-        report(f"method.prior_loss_weight: must be >= 0, got {method.prior_loss_weight}")
+    warmup = method.lr_warmup_steps
+    _require(
+        report, "method.lr_warmup_steps", warmup, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"
+    )
+    _require(report, "method.prior_loss_weight", method.prior_loss_weight, lambda v: v >= 0, "a number >= 0")
     if method.ema is not None:
         _check_ema(method.ema, report)
 
@@ -330,8 +415,11 @@ def _check_trainer(cfg: DictConfig, report: Report) -> None:
     trainer = cfg.trainer
     if not isinstance(trainer.max_steps, int) or trainer.max_steps <= 0:
         report(f"trainer.max_steps: must be a positive integer, got {trainer.max_steps!r}")
-    if trainer.accumulate_grad_batches < 1:
-        report(f"trainer.accumulate_grad_batches: must be >= 1, got {trainer.accumulate_grad_batches}")
+    _require(
+        report, "trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, _count, "an integer >= 1"
+    )
+    if str(trainer.precision) not in PRECISIONS:
+        report(f"trainer.precision: {trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
     on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and str(trainer.precision).startswith("16"):
         report("trainer.precision: fp16 mixed precision needs a GPU; on CPU use 32-true or bf16-mixed")
@@ -346,8 +434,8 @@ def _check_loss(cfg: DictConfig, report: Report) -> None:
             f"loss.prediction_type: {loss.prediction_type!r} is not one of null (from the scheduler), "
             f"{', '.join(PREDICTION_TYPES)}"
         )
-    if loss.snr_gamma is not None and not loss.snr_gamma > 0:
-        report(f"loss.snr_gamma: must be positive or null, got {loss.snr_gamma}")
+    if loss.snr_gamma is not None:
+        _require(report, "loss.snr_gamma", loss.snr_gamma, lambda v: v > 0, "a positive number or null")
     _check_timestep_bias(loss.get("timestep_bias"), report)
     limit = loss.max_nonfinite_steps
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -382,13 +470,12 @@ def _check_sampling(cfg: DictConfig, report: Report) -> None:
         report(
             f"sampling.scheduler: unknown scheduler {sampling.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
         )
-    if sampling.steps < 1:
-        report(f"sampling.steps: must be >= 1, got {sampling.steps}")
+    _require(report, "sampling.steps", sampling.steps, _count, "an integer >= 1")
     for i, prompt in enumerate(sampling.prompts or []):
         if not isinstance(prompt, str):
             report(f"sampling.prompts[{i}]: must be a prompt, got {prompt!r}; set sampling.prompts=[...]")
-    if sampling.every_n_steps < 0:
-        report(f"sampling.every_n_steps: must be >= 0 (0 = only at the end), got {sampling.every_n_steps}")
+    every = sampling.every_n_steps
+    _require(report, "sampling.every_n_steps", every, lambda v: isinstance(v, int) and v >= 0, _EVERY)
 
 
 def _check_conditioning(cfg: DictConfig, report: Report) -> None:

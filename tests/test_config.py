@@ -91,3 +91,40 @@ def test_unknown_key_is_rejected(train_cfg) -> None:
         train_cfg("method.rnak=4")
     with pytest.raises(ConfigAttributeError):
         _ = train_cfg().method.rnak
+
+
+# Each of these failed deep in Lightning, torch or sdtune's own checks with a TypeError traceback.
+WRONG_TYPES = [
+    ("method.lr", "x", "a positive number"),
+    ("method.dropout", "x", "a number in [0, 1)"),
+    ("method.weight_decay", "x", "a number >= 0"),
+    ("method.eps", "x", "a positive number"),
+    ("method.betas", "x", "two numbers in [0, 1)"),
+    ("method.lr_warmup_steps", "1.5", "an integer >= 0"),
+    ("data.num_images", "x", "an integer >= 1"),
+    ("data.num_workers", "x", "an integer >= 0"),
+    ("data.seed", "x", "an integer"),
+    ("loss.noise_offset", "x", "a number >= 0"),
+    ("loss.snr_gamma", "x", "a positive number or null"),
+    ("trainer.precision", "bf17", "is not one of 32-true, bf16-mixed, bf16-true"),
+    ("trainer.accumulate_grad_batches", "x", "an integer >= 1"),
+    ("trainer.gradient_clip_val", "x", "a number >= 0 or null"),
+    ("trainer.devices", "x", "auto, an integer >= 1 or a list"),
+    ("callbacks.checkpoint.every_n_train_steps", "x", "an integer >= 0 or null"),
+    ("sampling.guidance", "x", "a number >= 0"),
+    ("sampling.every_n_steps", "x", "an integer >= 0"),
+    ("evaluation.per_prompt", "0", "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), WRONG_TYPES, ids=[k for k, _, _ in WRONG_TYPES])
+def test_a_value_of_the_wrong_type_is_named_with_what_it_must_be(train_cfg, key, value, expected) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(train_cfg("+experiment=lora", f"{key}={value}"))
+    assert any(p.startswith(f"{key}:") and expected in p for p in info.value.problems), info.value.problems
+
+
+def test_the_shipped_values_of_the_numeric_keys_pass(train_cfg) -> None:
+    for devices in ("auto", "2", "[0,1]", "'0,1'"):
+        validate(train_cfg("+experiment=lora", "trainer.accelerator=cpu", f"trainer.devices={devices}"))
+    validate(train_cfg("+experiment=lora", "trainer.gradient_clip_val=null", "method.betas=[0.9,0.99]"))
