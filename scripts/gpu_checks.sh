@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything only a GPU shows, in one time-boxed pass (a lent GPU comes for minutes):
 #   1. tests/test_perf.py on the GPU (fp16 / nf4 / int8 bases, bitsandbytes 8-bit AdamW, compile, ...)
-#   2. the sd15-lora-512 benchmark (SD1.5 architecture, random weights, bf16, cached, batch 8, rank 16), eager
+#   2. the sd15-lora-512 benchmark (SD1.5 architecture, random weights, bf16, cached, batch 8, rank 16), eager;
+#      2b. sdtune's side again under trainer.precision=bf16-true (fp32 master weights)
 #   3. the same, torch.compile'd with CUDA graphs (reduce-overhead) and channels_last, sdtune vs U-Net only
 #   4. stage-two pretraining of the tiny stack continued from the shipped weights for the time left, then
 #      the judge's evaluation of the result (ship it with scripts/ship_tiny_weights.py if it is better)
@@ -51,6 +52,12 @@ echo "== 2. sd15-lora-512 eager ($(left) s left)"
 timeout 150 python3 scripts/benchmark.py --workload sd15-lora-512 --cache --steps 20 --warmup 8 --repeats 1 \
   --cache-dir /tmp/sdtune-cache >"$OUT/bench_eager.json"
 cat "$OUT/bench_eager.json"
+
+echo "== 2b. the same, sdtune under bf16-true (no autocast, fp32 master weights), channels_last ($(left) s left)"
+timeout 120 python3 scripts/benchmark.py --workload sd15-lora-512 --cache --channels-last --sides sdtune \
+  --override trainer.precision=bf16-true --steps 20 --warmup 8 --repeats 1 --cache-dir /tmp/sdtune-cache \
+  >"$OUT/bench_bf16_true.json"
+cat "$OUT/bench_bf16_true.json"
 
 echo "== 3. sd15-lora-512 compiled: CUDA graphs, channels_last, fused AdamW ($(left) s left)"
 timeout 240 python3 scripts/benchmark.py --workload sd15-lora-512 --cache --compile --compile-mode reduce-overhead \
