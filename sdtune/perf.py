@@ -180,6 +180,11 @@ def _check_pure_bf16(cfg: DictConfig, runtime: DictConfig, report: Any) -> None:
                 f"{runtime[key]} cannot apply; set runtime.{key}=null, or trainer.precision=bf16-mixed "
                 "(autocast) to keep it"
             )
+    if cfg.method.name == "vae":
+        report(
+            "trainer.precision=bf16-true: autoencoder training (method=vae) keeps no fp32 master weights; "
+            "use trainer.precision=bf16-mixed"
+        )
     from sdtune.distributed import strategy_name
 
     if runtime.get("master_weights", True) and strategy_name(cfg.trainer) == "fsdp":

@@ -103,6 +103,8 @@ def test_bf16_true_validation(train_cfg) -> None:
     validate(train_cfg(*base, "runtime.weight_dtype=bfloat16"))  # the base is bf16 under bf16-true anyway
     with pytest.raises(ConfigError, match="runtime.vae_dtype: trainer.precision=bf16-true"):
         validate(train_cfg(*base, "runtime.vae_dtype=float32"))
+    with pytest.raises(ConfigError, match="method=vae"):
+        validate(train_cfg("+experiment=pretrain_vae", "trainer.precision=bf16-true"))
     with pytest.raises(ConfigError, match="runtime.master_weights: must be true or false"):
         validate(train_cfg(*base, "runtime.master_weights=sometimes"))
 
