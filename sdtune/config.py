@@ -183,10 +183,16 @@ PRECISIONS = (
 _EVERY = "an integer >= 0 (0 = only at the end)"
 
 
-def _require(report: Report, key: str, value: Any, test: Callable[[Any], bool], what: str) -> None:
+def require_number(report: Report, key: str, value: Any, test: Callable[[Any], bool], what: str) -> None:
     """Report `key` unless `value` is a number (not a bool) that passes `test`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
         report(f"{key}: must be {what}, got {value!r}")
+
+
+def require_flag(report: Report, key: str, value: Any) -> None:
+    """Report `key` unless it is true or false (`overwrite=yes` would otherwise count as true)."""
+    if not isinstance(value, bool):
+        report(f"{key}: must be true or false, got {value!r}")
 
 
 def _count(value: Any) -> bool:
@@ -228,14 +234,27 @@ NULLABLE["callbacks.checkpoint.every_n_train_steps"] = (
 )
 
 
+# true/false keys: a string there (`data.cache_latents=yes`) would count as true wherever it is tested.
+FLAGS = (
+    *("method.train_text_encoder", "method.use_rslora", "method.zero_terminal_snr", "method.scale_lr"),
+    *("method.gradient_checkpointing", "method.ema.warmup", "data.cache_latents", "data.random_flip"),
+    *("data.center_crop", "data.bucketing", "export.ema", "model.allow_pickle", "runtime.tune_malloc"),
+    *("callbacks.checkpoint.save_last", "trainer.enable_model_summary"),
+)
+
+
 def _check_numbers(cfg: DictConfig, report: Report) -> None:
     absent = object()
+    for key in FLAGS:
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is not absent:
+            require_flag(report, key, value)
     for table, nullable in ((NUMBERS, False), (NULLABLE, True)):
         for key, (test, what) in table.items():
             value = OmegaConf.select(cfg, key, default=absent)
             if value is absent or (nullable and value is None):
                 continue
-            _require(report, key, value, test, what)
+            require_number(report, key, value, test, what)
     betas = OmegaConf.select(cfg, "method.betas", default=absent)
     if betas is not absent and not (
         isinstance(betas, ListConfig | list | tuple)
@@ -275,7 +294,7 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
             report(
                 "method.target_modules: must list at least one module name, e.g. [to_q, to_k, to_v, to_out.0]"
             )
-        _require(report, "method.dropout", method.dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        require_number(report, "method.dropout", method.dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
         init_from = method.get("init_from")
         if init_from is not None and not Path(init_from).expanduser().is_file():
             report(f"method.init_from: LoRA file {init_from!r} does not exist")
@@ -287,21 +306,23 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 "method.weight_decay: must be 0 for textual inversion (decay would shrink the frozen rows "
                 "of the embedding matrix)"
             )
-        _require(report, "method.num_vectors", method.num_vectors, _count, "an integer >= 1")
+        require_number(report, "method.num_vectors", method.num_vectors, _count, "an integer >= 1")
     if method.optimizer not in OPTIMIZERS:
         report(f"method.optimizer: {method.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    _require(report, "method.lr", method.lr, lambda v: v > 0, "a positive number")
+    require_number(report, "method.lr", method.lr, lambda v: v > 0, "a positive number")
     if method.get("text_encoder_lr") is not None:
-        _require(
+        require_number(
             report, "method.text_encoder_lr", method.text_encoder_lr, lambda v: v > 0, "a positive number"
         )
     if method.lr_scheduler not in LR_SCHEDULERS:
         report(f"method.lr_scheduler: {method.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     warmup = method.lr_warmup_steps
-    _require(
+    require_number(
         report, "method.lr_warmup_steps", warmup, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"
     )
-    _require(report, "method.prior_loss_weight", method.prior_loss_weight, lambda v: v >= 0, "a number >= 0")
+    require_number(
+        report, "method.prior_loss_weight", method.prior_loss_weight, lambda v: v >= 0, "a number >= 0"
+    )
     if method.ema is not None:
         _check_ema(method.ema, report)
 
@@ -415,7 +436,7 @@ def _check_trainer(cfg: DictConfig, report: Report) -> None:
     trainer = cfg.trainer
     if not isinstance(trainer.max_steps, int) or trainer.max_steps <= 0:
         report(f"trainer.max_steps: must be a positive integer, got {trainer.max_steps!r}")
-    _require(
+    require_number(
         report, "trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, _count, "an integer >= 1"
     )
     if str(trainer.precision) not in PRECISIONS:
@@ -435,7 +456,7 @@ def _check_loss(cfg: DictConfig, report: Report) -> None:
             f"{', '.join(PREDICTION_TYPES)}"
         )
     if loss.snr_gamma is not None:
-        _require(report, "loss.snr_gamma", loss.snr_gamma, lambda v: v > 0, "a positive number or null")
+        require_number(report, "loss.snr_gamma", loss.snr_gamma, lambda v: v > 0, "a positive number or null")
     _check_timestep_bias(loss.get("timestep_bias"), report)
     limit = loss.max_nonfinite_steps
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -470,12 +491,12 @@ def _check_sampling(cfg: DictConfig, report: Report) -> None:
         report(
             f"sampling.scheduler: unknown scheduler {sampling.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
         )
-    _require(report, "sampling.steps", sampling.steps, _count, "an integer >= 1")
+    require_number(report, "sampling.steps", sampling.steps, _count, "an integer >= 1")
     for i, prompt in enumerate(sampling.prompts or []):
         if not isinstance(prompt, str):
             report(f"sampling.prompts[{i}]: must be a prompt, got {prompt!r}; set sampling.prompts=[...]")
     every = sampling.every_n_steps
-    _require(report, "sampling.every_n_steps", every, lambda v: isinstance(v, int) and v >= 0, _EVERY)
+    require_number(report, "sampling.every_n_steps", every, lambda v: isinstance(v, int) and v >= 0, _EVERY)
 
 
 def _check_conditioning(cfg: DictConfig, report: Report) -> None:

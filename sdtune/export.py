@@ -11,7 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdtune.config import ConfigError, require_given
+from sdtune.config import ConfigError, require_flag, require_given
 from sdtune.formats.exporters import EXPORTERS, ExportError
 from sdtune.run import MANIFEST
 
@@ -27,7 +27,8 @@ def locate(source: str) -> tuple[Path, Path]:
 def check(cfg: DictConfig) -> tuple[Path, Path]:
     """Every problem with the request at once, before any model loads."""
     require_given(cfg)
-    problems = []
+    problems: list[str] = []
+    require_flag(problems.append, "overwrite", cfg.overwrite)
     run_dir, checkpoint = locate(str(cfg.source))
     if not checkpoint.is_file():
         problems.append(f"source: no checkpoint at {checkpoint}; give a run directory or a checkpoint file")

@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sdtune.config import ConfigError, require_given
+from sdtune.config import ConfigError, require_flag, require_given, require_number
 from sdtune.io import atomic_path
 from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
@@ -102,17 +102,28 @@ def request_problems(cfg: DictConfig) -> list[str]:
     for key in ("lora", "embedding"):
         if cfg[key] is not None and not Path(cfg[key]).expanduser().is_file():
             problems.append(f"{key}: file {cfg[key]!r} does not exist")
-    counts = [k for k in ("steps", "num_images", "per_prompt", "batch_size") if k in cfg]
-    for key in counts:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{key}: must be an integer >= 1, got {value!r}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        problems.append(f"seed: must be an integer, got {cfg.seed!r}")
-    guidance = cfg.guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
-        problems.append(f"guidance: must be a number >= 0 (1 = no guidance), got {guidance!r}")
+    report = problems.append
+    for key in ("steps", "num_images", "per_prompt", "batch_size"):
+        if key in cfg:
+            require_number(report, key, cfg[key], lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    require_number(report, "seed", cfg.seed, lambda v: isinstance(v, int), "an integer")
+    require_number(report, "guidance", cfg.guidance, lambda v: v >= 0, "a number >= 0 (1 = no guidance)")
+    if cfg.resolution is not None:
+        require_number(report, "resolution", cfg.resolution, _pixels, "null or a positive multiple of 8")
+    if "judge_renders" in cfg:
+        require_number(
+            report,
+            "judge_renders",
+            cfg.judge_renders,
+            lambda v: isinstance(v, int) and v >= 0,
+            "an integer >= 0",
+        )
+    require_flag(report, "overwrite", cfg.overwrite)
     return problems
+
+
+def _pixels(value: Any) -> bool:
+    return isinstance(value, int) and value > 0 and value % 8 == 0
 
 
 def guidance_problems(cfg: DictConfig, cond_cfg: DictConfig) -> list[str]:

@@ -114,6 +114,8 @@ WRONG_TYPES = [
     ("sampling.guidance", "x", "a number >= 0"),
     ("sampling.every_n_steps", "x", "an integer >= 0"),
     ("evaluation.per_prompt", "0", "an integer >= 1"),
+    ("data.cache_latents", "yes", "true or false"),
+    ("method.train_text_encoder", "1", "true or false"),
 ]
 
 

@@ -70,7 +70,7 @@ def test_bad_inputs_are_refused_before_loading(tmp_path: Path) -> None:
 
 
 def test_numbers_of_the_wrong_type_are_named_not_a_traceback(tmp_path: Path) -> None:
-    bad = ["guidance=abc", "steps=2.5", "num_images=0", "seed=x"]
+    bad = ["guidance=abc", "steps=2.5", "num_images=0", "seed=x", "resolution=30", "overwrite=maybe"]
     with pytest.raises(ConfigError) as info:
         sample(sample_cfg("source=tiny", "prompt=x", f"out={tmp_path / 'x.png'}", *bad))
     message = str(info.value)
@@ -78,6 +78,8 @@ def test_numbers_of_the_wrong_type_are_named_not_a_traceback(tmp_path: Path) -> 
     assert "steps: must be an integer >= 1, got 2.5" in message
     assert "num_images: must be an integer >= 1, got 0" in message
     assert "seed: must be an integer, got 'x'" in message
+    assert "resolution: must be null or a positive multiple of 8, got 30" in message
+    assert "overwrite: must be true or false, got 'maybe'" in message
 
 
 def test_a_source_that_is_no_run_and_no_pipeline_is_named(tmp_path: Path) -> None:
