@@ -27,15 +27,8 @@ from peft import (
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdtune.formats.kohya import (
-    addnet_hash,
-    kohya_metadata,
-    kohya_to_peft,
-    load_kohya,
-    peft_target_modules,
-    peft_to_kohya,
-    save_kohya,
-)
+from sdtune.formats.kohya import kohya_to_peft, peft_target_modules, peft_to_kohya
+from sdtune.formats.kohya_file import addnet_hash, kohya_metadata, load_kohya, save_kohya
 
 UNET_TARGETS = [
     "to_q",

@@ -129,7 +129,8 @@ def export_diffusers(ctx: ExportContext, out: Path) -> Path:
 
 def export_kohya(ctx: ExportContext, out: Path) -> Path:
     """kohya / A1111 / ComfyUI LoRA file with sd-scripts' metadata; `out` is a `.safetensors` file."""
-    from sdtune.formats.kohya import SDXL_VERSION, kohya_metadata, peft_to_kohya, save_kohya
+    from sdtune.formats.kohya import peft_to_kohya
+    from sdtune.formats.kohya_file import SDXL_VERSION, kohya_metadata, save_kohya
 
     _require_lora(ctx, "kohya")
     variant = _variant(ctx)
@@ -180,7 +181,7 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
 
 
 def _export_lycoris(ctx: ExportContext, out: Path) -> Path:
-    from sdtune.formats.kohya import kohya_metadata, save_kohya
+    from sdtune.formats.kohya_file import kohya_metadata, save_kohya
     from sdtune.formats.lycoris import peft_to_lycoris
 
     unet_config, te_config = adapter_config(ctx.unet), adapter_config(ctx.text_encoder)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sdtune.formats.kohya import TE_PREFIX, UNET_PREFIX
+from sdtune.formats.kohya_file import TE_PREFIX, UNET_PREFIX
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
