@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's sdtune
 
-from sdtune.benchmark import WORKLOADS, Options, run_benchmark  # noqa: E402
+from sdtune.benchmark import Options, run_benchmark  # noqa: E402
+from sdtune.benchmark_workloads import WORKLOADS  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdtune.benchmark import ARCHITECTURES, LORA_TARGETS  # noqa: E402
+from sdtune.benchmark_workloads import ARCHITECTURES, LORA_TARGETS  # noqa: E402
 from sdtune.precision import MasterWeights, over_masters  # noqa: E402
 
 VIEWS = {

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdtune.benchmark import (  # noqa: E402
+from sdtune.benchmark_workloads import (  # noqa: E402
     ARCHITECTURES,
     HOPPER_BF16_DENSE_TFLOPS,
     LORA_TARGETS,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtune.benchmark import SDXL_UNSUPPORTED, WORKLOADS, Spec, ensure_data, ensure_model, run_side, summarise
+from sdtune.benchmark import Spec, run_side, summarise
+from sdtune.benchmark_workloads import SDXL_UNSUPPORTED, WORKLOADS, ensure_data, ensure_model
 
 REPO = Path(__file__).resolve().parents[1]
 
