@@ -10,42 +10,46 @@ from typing import Any
 
 import torch
 
+from sdtune.models.tiny import SCHEDULER_CONFIG
+
 TFLOP_PER_IMAGE_SD15_512 = 1.61  # U-Net forward + backward per 512² image (the issue's anchor)
 HOPPER_BF16_DENSE_TFLOPS = 989.4  # H100 and H200 SXM: the same chip, the same dense bf16 peak
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # train_text_to_image_lora.py's targets
-SD_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "steps_offset": 1,
-}
-_CROSS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
-_UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+SD_SCHEDULER = SCHEDULER_CONFIG  # the embedded tiny stack uses SD's training schedule too
+
+
+def _sd_unet(sample_size: int, channels: list[int], cross_attention_dim: int) -> dict[str, Any]:
+    """SD1.5's U-Net layout (three cross-attention levels, two layers each) at the given widths."""
+    return {
+        "sample_size": sample_size,
+        "block_out_channels": channels,
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,
+    }
+
+
+def _sd_vae(sample_size: int, channels: list[int]) -> dict[str, Any]:
+    """SD's 8x-downsampling KL autoencoder at the given widths."""
+    return {
+        "sample_size": sample_size,
+        "block_out_channels": channels,
+        "layers_per_block": 2,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "latent_channels": 4,
+        "scaling_factor": 0.18215,
+    }
+
+
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     # An SD-architecture model with a 35 M-parameter U-Net for 128 px (SD1.5's layout at 1/5 width).
     "mid": {
-        "unet": {
-            "sample_size": 16,
-            "block_out_channels": [64, 128, 256, 256],
-            "layers_per_block": 2,
-            "down_block_types": _CROSS,
-            "up_block_types": _UP,
-            "cross_attention_dim": 256,
-            "attention_head_dim": 8,
-        },
-        "vae": {
-            "sample_size": 128,
-            "block_out_channels": [32, 64, 128, 128],
-            "layers_per_block": 2,
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "latent_channels": 4,
-            "scaling_factor": 0.18215,
-        },
+        "unet": _sd_unet(16, [64, 128, 256, 256], 256),
+        "vae": _sd_vae(128, [32, 64, 128, 128]),
         "text": {
             "hidden_size": 256,
             "intermediate_size": 1024,
@@ -56,24 +60,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     # Stable Diffusion 1.5 exactly (860 M U-Net, 84 M VAE, CLIP ViT-L/14 text encoder), random weights.
     "sd15": {
-        "unet": {
-            "sample_size": 64,
-            "block_out_channels": [320, 640, 1280, 1280],
-            "layers_per_block": 2,
-            "down_block_types": _CROSS,
-            "up_block_types": _UP,
-            "cross_attention_dim": 768,
-            "attention_head_dim": 8,
-        },
-        "vae": {
-            "sample_size": 512,
-            "block_out_channels": [128, 256, 512, 512],
-            "layers_per_block": 2,
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "latent_channels": 4,
-            "scaling_factor": 0.18215,
-        },
+        "unet": _sd_unet(64, [320, 640, 1280, 1280], 768),
+        "vae": _sd_vae(512, [128, 256, 512, 512]),
         "text": {
             "hidden_size": 768,
             "intermediate_size": 3072,

@@ -75,7 +75,7 @@ def validate(cfg: DictConfig) -> None:
         _check_conditioning,
         check_distributed,
         _check_runtime,
-        _check_numbers,
+        _check_types,
     )
     for check in checks:
         check(cfg, problems.append)
@@ -180,7 +180,6 @@ PRECISIONS = (
     *("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "32", "bf16", "16", "64"),
     *("transformer-engine", "transformer-engine-float16"),
 )
-_EVERY = "an integer >= 0 (0 = only at the end)"
 
 
 def require_number(report: Report, key: str, value: Any, test: Callable[[Any], bool], what: str) -> None:
@@ -195,8 +194,14 @@ def require_flag(report: Report, key: str, value: Any) -> None:
         report(f"{key}: must be true or false, got {value!r}")
 
 
-def _count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
+    """An integer >= 1 (a bool is not one: `require_number` refuses those first)."""
     return isinstance(value, int) and value >= 1
+
+
+def is_index(value: Any) -> bool:
+    """An integer >= 0."""
+    return isinstance(value, int) and value >= 0
 
 
 def _integer(value: Any) -> bool:
@@ -209,17 +214,14 @@ NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
         ["model.resolution", "data.num_images", "data.synthetic.num_images", "trainer.log_every_n_steps"]
         + ["sampling.per_prompt", "evaluation.per_prompt", "evaluation.steps", "evaluation.batch_size"],
-        (_count, "an integer >= 1"),
+        (is_count, "an integer >= 1"),
     ),
     **dict.fromkeys(
         ["seed", "data.seed", "data.synthetic.seed", "data.class_generation.seed", "sampling.seed"]
         + ["evaluation.seed", "trainer.num_sanity_val_steps", "callbacks.checkpoint.save_top_k"],
         (_integer, "an integer"),
     ),
-    **dict.fromkeys(
-        ["data.num_workers", "evaluation.every_n_steps"],
-        (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    ),
+    **dict.fromkeys(["data.num_workers", "evaluation.every_n_steps"], (is_index, "an integer >= 0")),
     **dict.fromkeys(
         ["method.weight_decay", "loss.noise_offset", "sampling.guidance", "evaluation.guidance"]
         + ["data.class_generation.guidance", "trainer.limit_val_batches"],
@@ -227,11 +229,10 @@ NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "method.eps": (lambda v: v > 0, "a positive number"),
 }
-NULLABLE = {"trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null")}
-NULLABLE["callbacks.checkpoint.every_n_train_steps"] = (
-    lambda v: _integer(v) and v >= 0,
-    "an integer >= 0 or null",
-)
+NULLABLE: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),
+    "callbacks.checkpoint.every_n_train_steps": (is_index, "an integer >= 0 or null"),
+}
 
 
 # true/false keys: a string there (`data.cache_latents=yes`) would count as true wherever it is tested.
@@ -239,11 +240,13 @@ FLAGS = (
     *("method.train_text_encoder", "method.use_rslora", "method.zero_terminal_snr", "method.scale_lr"),
     *("method.gradient_checkpointing", "method.ema.warmup", "data.cache_latents", "data.random_flip"),
     *("data.center_crop", "data.bucketing", "export.ema", "model.allow_pickle", "runtime.tune_malloc"),
-    *("callbacks.checkpoint.save_last", "trainer.enable_model_summary"),
+    *("callbacks.checkpoint.save_last", "trainer.enable_model_summary", "runtime.master_weights"),
+    *("runtime.cudnn_benchmark", "runtime.fused_optimizer", "runtime.channels_last", "runtime.compile"),
+    "runtime.gradient_checkpointing",
 )
 
 
-def _check_numbers(cfg: DictConfig, report: Report) -> None:
+def _check_types(cfg: DictConfig, report: Report) -> None:
     absent = object()
     for key in FLAGS:
         value = OmegaConf.select(cfg, key, default=absent)
@@ -268,11 +271,11 @@ def _check_numbers(cfg: DictConfig, report: Report) -> None:
 
 
 def _devices_ok(devices: Any) -> bool:
-    if devices in ("auto", -1) or (_count(devices) and not isinstance(devices, bool)):
+    if devices in ("auto", -1) or (is_count(devices) and not isinstance(devices, bool)):
         return True
     if isinstance(devices, str):  # Lightning also takes "0,1" or "2"
         return all(part.strip().isdigit() for part in devices.split(",") if part.strip())
-    return isinstance(devices, ListConfig | list) and all(_integer(d) and d >= 0 for d in devices)
+    return isinstance(devices, ListConfig | list) and all(is_index(d) for d in devices)
 
 
 def _check_method(cfg: DictConfig, report: Report) -> None:
@@ -306,7 +309,7 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 "method.weight_decay: must be 0 for textual inversion (decay would shrink the frozen rows "
                 "of the embedding matrix)"
             )
-        require_number(report, "method.num_vectors", method.num_vectors, _count, "an integer >= 1")
+        require_number(report, "method.num_vectors", method.num_vectors, is_count, "an integer >= 1")
     if method.optimizer not in OPTIMIZERS:
         report(f"method.optimizer: {method.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     require_number(report, "method.lr", method.lr, lambda v: v > 0, "a positive number")
@@ -317,9 +320,7 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
     if method.lr_scheduler not in LR_SCHEDULERS:
         report(f"method.lr_scheduler: {method.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     warmup = method.lr_warmup_steps
-    require_number(
-        report, "method.lr_warmup_steps", warmup, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"
-    )
+    require_number(report, "method.lr_warmup_steps", warmup, is_index, "an integer >= 0")
     require_number(
         report, "method.prior_loss_weight", method.prior_loss_weight, lambda v: v >= 0, "a number >= 0"
     )
@@ -437,7 +438,11 @@ def _check_trainer(cfg: DictConfig, report: Report) -> None:
     if not isinstance(trainer.max_steps, int) or trainer.max_steps <= 0:
         report(f"trainer.max_steps: must be a positive integer, got {trainer.max_steps!r}")
     require_number(
-        report, "trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, _count, "an integer >= 1"
+        report,
+        "trainer.accumulate_grad_batches",
+        trainer.accumulate_grad_batches,
+        is_count,
+        "an integer >= 1",
     )
     if str(trainer.precision) not in PRECISIONS:
         report(f"trainer.precision: {trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -491,12 +496,12 @@ def _check_sampling(cfg: DictConfig, report: Report) -> None:
         report(
             f"sampling.scheduler: unknown scheduler {sampling.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
         )
-    require_number(report, "sampling.steps", sampling.steps, _count, "an integer >= 1")
+    require_number(report, "sampling.steps", sampling.steps, is_count, "an integer >= 1")
     for i, prompt in enumerate(sampling.prompts or []):
         if not isinstance(prompt, str):
             report(f"sampling.prompts[{i}]: must be a prompt, got {prompt!r}; set sampling.prompts=[...]")
-    every = sampling.every_n_steps
-    require_number(report, "sampling.every_n_steps", every, lambda v: isinstance(v, int) and v >= 0, _EVERY)
+    every, what = sampling.every_n_steps, "an integer >= 0 (0 = only at the end)"
+    require_number(report, "sampling.every_n_steps", every, is_index, what)
 
 
 def _check_conditioning(cfg: DictConfig, report: Report) -> None:

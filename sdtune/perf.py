@@ -151,16 +151,6 @@ def check_runtime(cfg: DictConfig, report: Any) -> None:
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
     if on_cpu and torch.float16 in (weight, DTYPES.get(runtime.vae_dtype or "float32")):
         report("runtime.weight_dtype/vae_dtype: float16 needs a GPU; on CPU use bfloat16 or null")
-    for key in (
-        "master_weights",
-        "cudnn_benchmark",
-        "fused_optimizer",
-        "channels_last",
-        "compile",
-        "gradient_checkpointing",
-    ):
-        if not isinstance(runtime.get(key, False), bool):
-            report(f"runtime.{key}: must be true or false, got {runtime.get(key)!r}")
     if runtime.attention not in ATTENTION:
         report(f"runtime.attention: {runtime.attention!r} is not one of {', '.join(ATTENTION)}")
     if runtime.compile_mode not in COMPILE_MODES:

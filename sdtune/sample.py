@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sdtune.config import ConfigError, require_flag, require_given, require_number
+from sdtune.config import ConfigError, is_count, is_index, require_flag, require_given, require_number
 from sdtune.io import atomic_path
 from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
@@ -105,19 +105,13 @@ def request_problems(cfg: DictConfig) -> list[str]:
     report = problems.append
     for key in ("steps", "num_images", "per_prompt", "batch_size"):
         if key in cfg:
-            require_number(report, key, cfg[key], lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+            require_number(report, key, cfg[key], is_count, "an integer >= 1")
     require_number(report, "seed", cfg.seed, lambda v: isinstance(v, int), "an integer")
     require_number(report, "guidance", cfg.guidance, lambda v: v >= 0, "a number >= 0 (1 = no guidance)")
     if cfg.resolution is not None:
         require_number(report, "resolution", cfg.resolution, _pixels, "null or a positive multiple of 8")
     if "judge_renders" in cfg:
-        require_number(
-            report,
-            "judge_renders",
-            cfg.judge_renders,
-            lambda v: isinstance(v, int) and v >= 0,
-            "an integer >= 0",
-        )
+        require_number(report, "judge_renders", cfg.judge_renders, is_index, "an integer >= 0")
     require_flag(report, "overwrite", cfg.overwrite)
     return problems
 
