@@ -519,6 +519,7 @@ def _check_runtime(cfg: DictConfig, report: Report) -> None:
 def _check_export(cfg: DictConfig, report: Report) -> None:
     from sdtune.formats.exporters import EXPORTERS, LORA_FORMATS
 
+    check_export_dtype("export.dtype", cfg.export.get("dtype"), report)
     formats = list(cfg.export.formats)
     unknown = [f for f in formats if f not in EXPORTERS]
     if unknown:
@@ -534,3 +535,11 @@ def _check_export(cfg: DictConfig, report: Report) -> None:
         )
     if cfg.model.family == "sdxl" and cfg.method.get("variant", "lora") != "lora" and "kohya" in formats:
         report("export.formats: kohya export of SDXL supports plain LoRA only (method.variant=lora)")
+
+
+def check_export_dtype(key: str, value: Any, report: Report) -> None:
+    """An export's weight type is null (as trained) or one torch dtype name."""
+    from sdtune.perf import DTYPES
+
+    if value is not None and value not in DTYPES:
+        report(f"{key}: unknown dtype {value!r}; use null (as trained) or one of {', '.join(DTYPES)}")

@@ -11,7 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdtune.config import ConfigError, require_flag, require_given
+from sdtune.config import ConfigError, check_export_dtype, require_flag, require_given
 from sdtune.formats.exporters import EXPORTERS, ExportError
 from sdtune.run import MANIFEST
 
@@ -29,6 +29,7 @@ def check(cfg: DictConfig) -> tuple[Path, Path]:
     require_given(cfg)
     problems: list[str] = []
     require_flag(problems.append, "overwrite", cfg.overwrite)
+    check_export_dtype("dtype", cfg.get("dtype"), problems.append)
     run_dir, checkpoint = locate(str(cfg.source))
     if not checkpoint.is_file():
         problems.append(f"source: no checkpoint at {checkpoint}; give a run directory or a checkpoint file")
@@ -84,6 +85,7 @@ def export(cfg: DictConfig) -> Path:
         name=cfg.name or run_dir.name,
         resolution=run_cfg.data.resolution,
         num_train_images=manifest.get("num_train_images", 0),
+        dtype=cfg.get("dtype"),
     )
     return EXPORTERS[cfg.format](ctx, Path(cfg.out))
 

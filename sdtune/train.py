@@ -141,7 +141,11 @@ def export_context(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path)
     from sdtune.formats.exporters import context_from_module
 
     return context_from_module(
-        module, name=run_dir.name, resolution=cfg.data.resolution, num_train_images=datamodule.num_samples
+        module,
+        name=run_dir.name,
+        resolution=cfg.data.resolution,
+        num_train_images=datamodule.num_samples,
+        dtype=cfg.export.get("dtype"),
     )
 
 

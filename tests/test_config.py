@@ -62,11 +62,12 @@ def test_bad_values_are_all_reported_at_once(train_cfg, tmp_path: Path) -> None:
         "loss.prediction_type=x0",
         f"resume={tmp_path}/nope",
         "loss.timestep_bias.strategy=middle",
+        "export.dtype=half",
     )
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     message = str(info.value)
-    assert len(info.value.problems) == 8, message
+    assert len(info.value.problems) == 9, message
     for key in (
         "method.rank",
         "sampling.scheduler",
@@ -76,6 +77,7 @@ def test_bad_values_are_all_reported_at_once(train_cfg, tmp_path: Path) -> None:
         "loss.prediction_type",
         "resume",
         "loss.timestep_bias.strategy",
+        "export.dtype",
     ):
         assert key in message
     assert "euler_a" in message  # the valid scheduler names are listed

@@ -224,6 +224,60 @@ def test_export_cli_from_a_checkpoint_matches_the_run_export(run, tmp_path) -> N
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
 
 
+def _file_tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+@pytest.mark.parametrize(
+    "fmt,weights",
+    [
+        ("diffusers", ["pytorch_lora_weights.safetensors"]),
+        ("kohya", [""]),
+        ("peft", ["unet/adapter_model.safetensors", "text_encoder/adapter_model.safetensors"]),
+        ("merged", ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]),
+        ("single_file", [""]),
+    ],
+)
+def test_export_dtype_writes_every_weight_in_that_type(run, tmp_path, fmt, weights) -> None:
+    """`dtype=float16` (kohya's --save_precision fp16): every floating tensor of the file is fp16, and the
+    LoRA formats hold the fp32 export's values rounded, nothing else."""
+    out = tmp_path / ("out.safetensors" if fmt in ("kohya", "single_file") else "out")
+    args = [f"source={run.run_dir}", f"format={fmt}", f"out={out}", "dtype=float16"]
+    export(compose_config("export", args))
+    for weight in weights:
+        tensors = _file_tensors(out / weight if weight else out)
+        floats = {k: t.dtype for k, t in tensors.items() if t.is_floating_point()}
+        assert floats and set(floats.values()) == {torch.float16}, (weight, set(floats.values()))
+    if fmt in ("diffusers", "kohya"):
+        full = _file_tensors(run.run_dir / RUN_FILES[fmt])
+        assert {t.dtype for t in full.values()} == {torch.float32}
+        assert tensors.keys() == full.keys()
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, full[key].to(torch.float16)), key
+
+
+RUN_FILES = {"diffusers": "lora/pytorch_lora_weights.safetensors", "kohya": "lora/kohya.safetensors"}
+
+
+def test_an_fp16_kohya_file_loads_in_diffusers_and_reproduces_the_run(run, trained, base, tiny_dir, tmp_path):
+    out = tmp_path / "half.safetensors"
+    export(compose_config("export", [f"source={run.run_dir}", "format=kohya", f"out={out}", "dtype=fp16"]))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    pipe.load_lora_weights(out)
+    for got, want, b in zip(outputs(pipe.unet, pipe.text_encoder), trained, base):
+        torch.testing.assert_close(got, want, atol=5e-3, rtol=5e-3)
+        assert (got - b).abs().max() > 1e-2, "the export has no effect"
+
+
+def test_an_unknown_export_dtype_is_named(run, tmp_path) -> None:
+    out = tmp_path / "x.safetensors"
+    args = [f"source={run.run_dir}", "format=kohya", f"out={out}", "dtype=half"]
+    with pytest.raises(ConfigError, match=r"dtype: unknown dtype 'half'.*float16"):
+        export(compose_config("export", args))
+    assert not out.exists()
+
+
 def test_formats_that_cannot_hold_the_training_are_refused_before_it(tmp_path) -> None:
     """A LoRA on the token embedding has no kohya key: refused before the first step, naming the format."""
     run_dir = tmp_path / "run"

@@ -7,16 +7,27 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdtune.models.adapters import adapter_config
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def lora_layers(model: Any) -> dict[str, Any] | None:
-    """The peft LoRA tensors of `model`, or None when it has no adapter."""
+def lora_layers(model: Any, dtype: torch.dtype | None = None) -> dict[str, Any] | None:
+    """The peft LoRA tensors of `model`, floating ones cast to `dtype` if given; None without an adapter."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model) if adapter_config(model) is not None else None
+    if adapter_config(model) is None:
+        return None
+    return cast_floats(get_peft_model_state_dict(model), dtype)
+
+
+def cast_floats(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`tensors` with every floating-point tensor cast to `dtype` (as they are when `dtype` is None)."""
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def adapter_metadata(model: Any) -> dict[str, Any] | None:
@@ -26,12 +37,17 @@ def adapter_metadata(model: Any) -> dict[str, Any] | None:
 
 
 def save_diffusers_lora(
-    out_dir: Path, unet: Any, text_encoders: dict[str, Any] | None = None, sdxl: bool = False
+    out_dir: Path,
+    unet: Any,
+    text_encoders: dict[str, Any] | None = None,
+    sdxl: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` atomically; returns the file path.
 
     `text_encoders` maps pipeline names (`text_encoder`, SDXL's `text_encoder_2`) to models; those with an
-    adapter are saved. With `sdxl` the file is written by `StableDiffusionXLPipeline`.
+    adapter are saved. With `sdxl` the file is written by `StableDiffusionXLPipeline`. `dtype`: the tensors'
+    type in the file (None = as trained).
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -40,7 +56,7 @@ def save_diffusers_lora(
     pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     kwargs: dict[str, Any] = {}
     for name, model in {"unet": unet, **(text_encoders or {})}.items():
-        layers = lora_layers(model)
+        layers = lora_layers(model, dtype)
         kwargs[f"{name}_lora_layers"] = layers
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model) if layers else None
     # Written in a scratch folder, then renamed: other exports may share `out_dir`.

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtune.formats.diffusers import lora_layers, save_diffusers_lora
+import torch
+
+from sdtune.formats.diffusers import cast_floats, lora_layers, save_diffusers_lora
 from sdtune.io import atomic_path
 from sdtune.models.adapters import adapter_config
 
@@ -38,6 +40,7 @@ class ExportContext:
     conditioning: Any = None  # the run's ConditioningStack (its trainable parts are saved beside the exports)
     text_encoder_2: Any = None  # SDXL
     tokenizer_2: Any = None
+    dtype: torch.dtype | None = None  # the weights' type in the files (export.dtype); None = as trained
 
     @property
     def text_encoders(self) -> dict[str, Any]:
@@ -62,9 +65,13 @@ class ExportError(ValueError):
 LORA_FORMATS = ("diffusers", "kohya", "peft")
 
 
-def context_from_module(module: Any, *, name: str, resolution: int, num_train_images: int) -> ExportContext:
-    """The export context of a trained `DiffusionModule`."""
+def context_from_module(
+    module: Any, *, name: str, resolution: int, num_train_images: int, dtype: str | None = None
+) -> ExportContext:
+    """The export context of a trained `DiffusionModule`; `dtype` names the files' weight type (None = as
+    trained)."""
     from sdtune.models.textual_inversion import learned_embeddings
+    from sdtune.perf import DTYPES
 
     stack = module.stack
     return ExportContext(
@@ -82,6 +89,7 @@ def context_from_module(module: Any, *, name: str, resolution: int, num_train_im
         conditioning=module.conditioning,
         text_encoder_2=stack.text_encoder_2,
         tokenizer_2=stack.tokenizer_2,
+        dtype=DTYPES[dtype] if dtype is not None else None,
     )
 
 
@@ -124,7 +132,7 @@ def export_diffusers(ctx: ExportContext, out: Path) -> Path:
             f"diffusers cannot load {_variant(ctx)} adapters; use format=peft, "
             "format=kohya (LyCORIS keys), format=merged or format=single_file"
         )
-    return save_diffusers_lora(out, ctx.unet, ctx.text_encoders, sdxl=ctx.family == "sdxl")
+    return save_diffusers_lora(out, ctx.unet, ctx.text_encoders, sdxl=ctx.family == "sdxl", dtype=ctx.dtype)
 
 
 def export_kohya(ctx: ExportContext, out: Path) -> Path:
@@ -145,12 +153,13 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
         return _export_lycoris(ctx, Path(out))
     unet_config = adapter_config(ctx.unet)
     encoders = {
-        name: (lora_layers(model), adapter_config(model)) for name, model in ctx.text_encoders.items()
+        name: (lora_layers(model, ctx.dtype), adapter_config(model))
+        for name, model in ctx.text_encoders.items()
     }
     te, te_config = encoders["text_encoder"]
     te_2, te_2_config = encoders.get("text_encoder_2", (None, None))
     state = peft_to_kohya(
-        lora_layers(ctx.unet),
+        lora_layers(ctx.unet, ctx.dtype),
         unet_config,
         te,
         te_config,
@@ -176,7 +185,7 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
         extra={"ss_training_alpha": str(scale_alpha)},
     )
     out = Path(out)
-    save_kohya(out, state, metadata)
+    save_kohya(out, cast_floats(state, ctx.dtype), metadata)
     return out
 
 
@@ -186,7 +195,10 @@ def _export_lycoris(ctx: ExportContext, out: Path) -> Path:
 
     unet_config, te_config = adapter_config(ctx.unet), adapter_config(ctx.text_encoder)
     state = peft_to_lycoris(
-        lora_layers(ctx.unet), unet_config, lora_layers(ctx.text_encoder) if te_config else None, te_config
+        lora_layers(ctx.unet, ctx.dtype),
+        unet_config,
+        lora_layers(ctx.text_encoder, ctx.dtype) if te_config else None,
+        te_config,
     )
     metadata = kohya_metadata(
         base_model_version="sd_v1" if ctx.family == "sd1" else "sd_v2",
@@ -201,7 +213,7 @@ def _export_lycoris(ctx: ExportContext, out: Path) -> Path:
         title=ctx.name,
         extra={"ss_network_module": "lycoris.kohya"},
     )
-    save_kohya(out, state, metadata)
+    save_kohya(out, cast_floats(state, ctx.dtype), metadata)
     return out
 
 
@@ -220,24 +232,31 @@ def export_peft(ctx: ExportContext, out: Path) -> Path:
             config.save_pretrained(str(folder))
             # PeftModel.save_pretrained's key layout: relative to the PeftModel wrapper.
             tensors = {
-                f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in lora_layers(model).items()
+                f"base_model.model.{k}": v.detach().cpu().contiguous()
+                for k, v in lora_layers(model, ctx.dtype).items()
             }
             save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return Path(out)
 
 
 def merged_models(ctx: ExportContext) -> tuple[Any, Any]:
-    """Copies of the U-Net and text encoder with their LoRA merged into the base weights (or as they are)."""
-    return _merged(ctx.unet), _merged(ctx.text_encoder)
+    """Copies of the U-Net and text encoder with their LoRA merged into the base weights (or as they are),
+    in the export's dtype."""
+    return _merged(ctx.unet, ctx.dtype), _merged(ctx.text_encoder, ctx.dtype)
 
 
-def _merged(model: Any) -> Any:
+def _in_dtype(model: Any, dtype: torch.dtype | None) -> Any:
+    """A copy of `model` in `dtype`; `model` itself when there is nothing to change."""
+    return model if dtype is None else copy.deepcopy(model).to(dtype)
+
+
+def _merged(model: Any, dtype: torch.dtype | None = None) -> Any:
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    model = copy.deepcopy(model)
     if adapter_config(model) is None:
-        return model
+        return _in_dtype(model, dtype)
+    model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge()
@@ -245,7 +264,7 @@ def _merged(model: Any) -> Any:
     for attribute in ("peft_config", "_hf_peft_config_loaded"):
         if attribute in vars(model):
             delattr(model, attribute)
-    return model
+    return model if dtype is None else model.to(dtype)
 
 
 def export_merged(ctx: ExportContext, out: Path) -> Path:
@@ -254,12 +273,12 @@ def export_merged(ctx: ExportContext, out: Path) -> Path:
 
     unet, text_encoder = merged_models(ctx)
     pipe = assemble_pipeline(
-        vae=ctx.vae,
+        vae=_in_dtype(ctx.vae, ctx.dtype),
         unet=unet,
         text_encoder=text_encoder,
         tokenizer=ctx.tokenizer,
         scheduler=ctx.scheduler,
-        text_encoder_2=_merged(ctx.text_encoder_2) if ctx.family == "sdxl" else None,
+        text_encoder_2=_merged(ctx.text_encoder_2, ctx.dtype) if ctx.family == "sdxl" else None,
         tokenizer_2=ctx.tokenizer_2,
     )
     with atomic_path(Path(out)) as tmp:
@@ -283,11 +302,11 @@ def export_single_file(ctx: ExportContext, out: Path) -> Path:
         "modelspec.prediction_type": "v" if ctx.prediction_type == "v_prediction" else "epsilon",
         "sdtune": json.dumps({"resolution": ctx.resolution}),
     }
-    text_encoder_2 = _merged(ctx.text_encoder_2) if ctx.text_encoder_2 is not None else None
+    text_encoder_2 = _merged(ctx.text_encoder_2, ctx.dtype) if ctx.text_encoder_2 is not None else None
     return save_single_file(
         Path(out),
         unet,
-        ctx.vae,
+        _in_dtype(ctx.vae, ctx.dtype),
         text_encoder,
         metadata=metadata,
         family=ctx.family,
@@ -306,7 +325,8 @@ def export_embedding(ctx: ExportContext, out: Path) -> Path:
 
     _require_embeddings(ctx, "embedding")
     with atomic_path(Path(out)) as tmp:
-        save_file({k: v.contiguous() for k, v in ctx.embeddings.items()}, str(tmp), metadata={"format": "pt"})
+        rows = cast_floats(ctx.embeddings, ctx.dtype)
+        save_file({k: v.contiguous() for k, v in rows.items()}, str(tmp), metadata={"format": "pt"})
     return Path(out)
 
 
@@ -317,7 +337,7 @@ def export_a1111_embedding(ctx: ExportContext, out: Path) -> Path:
     _require_embeddings(ctx, "a1111_embedding")
     Path(out).mkdir(parents=True, exist_ok=True)
     written = Path(out)
-    for placeholder, rows in ctx.embeddings.items():
+    for placeholder, rows in cast_floats(ctx.embeddings, ctx.dtype).items():
         name = "".join(ch for ch in placeholder if ch.isalnum() or ch in "-_") or "embedding"
         written = Path(out) / f"{name}.safetensors"
         with atomic_path(written) as tmp:
