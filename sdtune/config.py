@@ -159,6 +159,11 @@ def _check_sdxl(cfg: DictConfig, report: Report) -> None:
     for name, component in (cfg.get("conditioning") or {}).items():
         if component.get("_target_") != "sdtune.conditioning.text.TextConditioner":
             report(f"conditioning.{name}: SDXL supports text conditioning only so far")
+        elif component.get("clip_skip", 1) != 1:
+            report(
+                f"conditioning.{name}.clip_skip: SDXL always reads its encoders' penultimate layers (as its "
+                "pipeline and sd-scripts do); leave it at 1"
+            )
 
 
 def _check_pickle(path: Path, allow_pickle: bool, report: Report) -> None:
@@ -213,6 +218,7 @@ def _integer(value: Any) -> bool:
 NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
         ["model.resolution", "data.num_images", "data.synthetic.num_images", "trainer.log_every_n_steps"]
+        + ["conditioning.text.clip_skip"]
         + ["sampling.per_prompt", "evaluation.per_prompt", "evaluation.steps", "evaluation.batch_size"],
         (is_count, "an integer >= 1"),
     ),

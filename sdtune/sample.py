@@ -29,7 +29,16 @@ LOADABLE_EXPORTS = {"diffusers", "kohya", "pipeline", "merged", "embedding"}
 
 def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
     """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`; the
-    resolution of a base model (None) is its own, known once it is loaded (`native_resolution`)."""
+    resolution of a base model (None) is its own, known once it is loaded (`native_resolution`).
+
+    A `clip_skip` in `cfg` replaces the source's own (a run samples with the one it trained with)."""
+    model, conditioning, lora, embedding, resolution = _source_configs(cfg)
+    if cfg.get("clip_skip") is not None and "text" in conditioning:
+        conditioning = OmegaConf.merge(conditioning, {"text": {"clip_skip": cfg.clip_skip}})
+    return model, conditioning, lora, embedding, resolution
+
+
+def _source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
     source = Path(str(cfg.source)).expanduser()
     if (source / MANIFEST).is_file():
         run_cfg = OmegaConf.load(source / ".hydra" / "config.yaml")
@@ -112,6 +121,8 @@ def request_problems(cfg: DictConfig) -> list[str]:
         require_number(report, "resolution", cfg.resolution, _pixels, "null or a positive multiple of 8")
     if "judge_renders" in cfg:
         require_number(report, "judge_renders", cfg.judge_renders, is_index, "an integer >= 0")
+    if cfg.get("clip_skip") is not None:
+        require_number(report, "clip_skip", cfg.clip_skip, is_count, "null or an integer >= 1")
     require_flag(report, "overwrite", cfg.overwrite)
     return problems
 

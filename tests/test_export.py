@@ -98,6 +98,7 @@ def test_kohya_metadata(run) -> None:
     assert metadata["ss_network_dim"] == "4" and float(metadata["ss_network_alpha"]) == 2.0
     assert float(alpha) == 2.0
     assert metadata["ss_output_name"] == run.run_dir.name
+    assert metadata["ss_clip_skip"] == "1"
     assert "lora_adapter_metadata" not in metadata
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdtune.config import ConfigError
+
 
 class TextConditioner(nn.Module):
     """Encodes `batch[key]` captions with the stack's tokenizer and text encoder.
@@ -23,12 +25,27 @@ class TextConditioner(nn.Module):
     For SDXL it returns (tokens, {"text_embeds": pooled, "time_ids": …}); dropped samples get the null
     caption's tokens and pooled embedding, but keep their time ids. Cached, the pooled embeddings come as
     `<key>_pooled` and `negative_<key>_pooled`.
+
+    `clip_skip` is A1111's and kohya's "clip skip": 1 = the last layer's hidden states, 2 = the penultimate
+    layer's, each through the encoder's final layer norm (diffusers' `clip_skip` counts from 0: its 1 is
+    this 2). SDXL always uses the penultimate layers, as its pipeline does.
     """
 
     slot = "crossattn"
 
-    def __init__(self, stack: Any, dropout: float = 0.1, key: str = "caption") -> None:
+    def __init__(self, stack: Any, dropout: float = 0.1, key: str = "caption", clip_skip: int = 1) -> None:
         super().__init__()
+        layers = stack.text_encoder.config.num_hidden_layers
+        if getattr(stack, "text_encoder_2", None) is not None and clip_skip != 1:
+            raise ConfigError(["conditioning.text.clip_skip: SDXL reads penultimate layers; leave it at 1"])
+        if not 1 <= clip_skip <= layers:
+            raise ConfigError(
+                [
+                    f"conditioning.text.clip_skip: got {clip_skip}, but the text encoder has {layers} "
+                    f"layers; use 1 (the last layer) to {layers}"
+                ]
+            )
+        self.clip_skip = clip_skip
         self.tokenizer = stack.tokenizer
         self.text_encoder = stack.text_encoder
         self.tokenizer_2 = getattr(stack, "tokenizer_2", None)
@@ -72,9 +89,18 @@ class TextConditioner(nn.Module):
         return [neg if dropped else cap for cap, neg, dropped in zip(captions, negatives, drop.tolist())]
 
     def encode(self, captions: list[str]) -> Tensor:
-        ids = _token_ids(self.tokenizer, self._rewritten(captions))
-        hidden = self.text_encoder(ids.to(self.text_encoder.device))[0]
+        hidden = self.hidden_states(_token_ids(self.tokenizer, self._rewritten(captions)))
         return hidden if self.output_device is None else hidden.to(self.output_device)
+
+    def hidden_states(self, ids: Tensor) -> Tensor:
+        """The hidden states that condition the U-Net: the `clip_skip`-th layer from the end, normalised."""
+        encoder = self.text_encoder
+        if self.clip_skip == 1:
+            return encoder(ids.to(encoder.device))[0]
+        output = encoder(ids.to(encoder.device), output_hidden_states=True)
+        # transformers 5 moved CLIPTextModel's layers out of `text_model`.
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        return final_norm(output.hidden_states[-self.clip_skip])
 
     def encode_xl(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """SDXL: (both encoders' penultimate hidden states concatenated, encoder 2's pooled embedding).

@@ -5,8 +5,9 @@ One safetensors file per entry, named by a content hash of everything that deter
   and centre-cropped to, and whether its mirror image is stored too. An entry holds the posterior moments
   (mean and log-variance, `latent_dist.parameters`), so training still samples z0 = μ + σ·ε every step —
   exactly what encoding returns — and, with `data.random_flip`, the moments of the flipped image;
-- text: the text encoder's weights and the token ids the tokenizer makes of the caption (so the tokenizer,
-  truncation and padding are part of the key). The empty caption is cached too, for caption dropout.
+- text: the text encoder's weights, the layer read (clip skip) and the token ids the tokenizer makes of the
+  caption (so the tokenizer, truncation and padding are part of the key). The empty caption is cached too,
+  for caption dropout.
 Anything that changes gives a different name: a stale entry is never read. Files are written atomically, so an
 interrupted build keeps what it finished and the next run builds the rest. Each entry records its key and a
 checksum: a truncated file is found (and rebuilt) before training, a corrupted one when it is read.
@@ -387,8 +388,7 @@ def encode_text(component: Any, ids: Tensor) -> dict[str, Tensor]:
     if component.text_encoder_2 is not None:
         hidden, pooled = component.encode_xl_ids(ids)
         return {"hidden": hidden, "pooled": pooled}
-    encoder = component.text_encoder
-    return {"hidden": encoder(ids.to(encoder.device))[0]}
+    return {"hidden": component.hidden_states(ids)}
 
 
 def token_ids(component: Any, captions: list[str]) -> Tensor:
@@ -403,7 +403,9 @@ def _prepare_text(
     batch_size: int,
     report: CacheReport,
 ) -> tuple[list[tuple[Path, str]], dict[str, Tensor]]:
-    text_id = digest_of("text", *(module_digest(encoder) for encoder in component.encoders))
+    text_id = digest_of(
+        "text", *(module_digest(encoder) for encoder in component.encoders), component.clip_skip
+    )
     all_captions = [*captions, ""]
     ids = token_ids(component, all_captions)
     keys = [digest_of(CACHE_VERSION, "text", text_id, row.tolist()) for row in ids]

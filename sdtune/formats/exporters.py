@@ -182,11 +182,17 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
         num_train_images=ctx.num_train_images,
         prediction_type=ctx.prediction_type,
         title=ctx.name,
-        extra={"ss_training_alpha": str(scale_alpha)},
+        extra={"ss_training_alpha": str(scale_alpha), "ss_clip_skip": str(_clip_skip(ctx))},
     )
     out = Path(out)
     save_kohya(out, cast_floats(state, ctx.dtype), metadata)
     return out
+
+
+def _clip_skip(ctx: ExportContext) -> int | None:
+    """The clip skip the run trained with (kohya records it as `ss_clip_skip`), None without text."""
+    components = ctx.conditioning.components if ctx.conditioning is not None else {}
+    return getattr(components["text"], "clip_skip", None) if "text" in components else None
 
 
 def _export_lycoris(ctx: ExportContext, out: Path) -> Path:

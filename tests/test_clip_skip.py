@@ -1,0 +1,89 @@
+"""Clip skip (A1111 / kohya `--clip_skip`): the layer read, as diffusers reads it; cached, sampled alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from omegaconf import OmegaConf
+
+from sdtune.conditioning import build_conditioning
+from sdtune.config import ConfigError, validate
+from sdtune.data.cache import prepare_cache
+from sdtune.models import load_stack
+from sdtune.sample import source_configs
+
+from .conftest import compose_config
+from .test_cache import CAPTIONS, datamodule, write_folder
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dir):
+    model = OmegaConf.create({"family": "sd1", "pretrained": str(tiny_dir), "config": None})
+    return load_stack(model, tiny_dir.parent)
+
+
+def text_conditioner(stack, clip_skip: int):
+    cfg = {"text": {"_target_": "sdtune.conditioning.text.TextConditioner", "clip_skip": clip_skip}}
+    return build_conditioning(OmegaConf.create(cfg), stack).components["text"]
+
+
+def test_clip_skip_2_is_the_penultimate_layer_through_the_final_norm(stack, tiny_dir) -> None:
+    """What diffusers' `encode_prompt(clip_skip=1)` and sd-scripts' `--clip_skip 2` compute (diffusers counts
+    the layers skipped); done by hand, since that diffusers path still reads transformers 4's `text_model`."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    encoder = pipe.text_encoder
+    ids = pipe.tokenizer(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        last = text_conditioner(stack, 1).encode(CAPTIONS)
+        penultimate = text_conditioner(stack, 2).encode(CAPTIONS)
+        want_last, _ = pipe.encode_prompt(CAPTIONS, "cpu", 1, False)
+        layers = encoder(ids.input_ids, output_hidden_states=True).hidden_states
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        want_penultimate = norm(layers[-2])
+    assert len(layers) == 3  # embeddings + the tiny encoder's 2 layers
+    torch.testing.assert_close(last, want_last, rtol=0, atol=1e-6)
+    torch.testing.assert_close(penultimate, want_penultimate, rtol=0, atol=1e-6)
+    assert (penultimate - last).abs().max() > 1e-2
+
+
+def test_clip_skip_beyond_the_encoder_is_named(stack) -> None:
+    with pytest.raises(ConfigError, match=r"conditioning.text.clip_skip: got 3, .* 2 layers; use 1"):
+        text_conditioner(stack, 3)
+
+
+def test_the_text_cache_holds_the_skipped_layer_and_keys_it(tmp_path, stack) -> None:
+    data = write_folder(tmp_path / "data")
+    skip2 = text_conditioner(stack, 2)
+    conditioning = build_conditioning(
+        OmegaConf.create({"text": {"_target_": "sdtune.conditioning.text.TextConditioner", "clip_skip": 2}}),
+        stack,
+    )
+    report = prepare_cache(datamodule(data), stack, conditioning, tmp_path / "c", torch.device("cpu"), 4)
+    assert report.text_built == 5
+    dm = datamodule(data)
+    prepare_cache(dm, stack, conditioning, tmp_path / "c", torch.device("cpu"), 4)
+    with torch.no_grad():
+        want = skip2.encode(CAPTIONS)
+    for i in range(4):
+        assert torch.equal(dm.dataset[i]["caption_embeds"], want[i])
+    last = build_conditioning(
+        OmegaConf.create({"text": {"_target_": "sdtune.conditioning.text.TextConditioner"}}), stack
+    )
+    again = prepare_cache(datamodule(data), stack, last, tmp_path / "c", torch.device("cpu"), 4)
+    assert (again.text_built, again.text_reused) == (5, 0), "clip skip 1 must not read clip skip 2's entries"
+
+
+def test_sampling_takes_the_runs_clip_skip_or_the_override(tmp_path) -> None:
+    base = compose_config("sample", ["source=tiny", "prompt=a red star", f"out={tmp_path}/a.png"])
+    assert source_configs(base)[1].text.get("clip_skip", 1) == 1
+    skip = compose_config("sample", ["source=tiny", "prompt=a", f"out={tmp_path}/a.png", "clip_skip=2"])
+    assert source_configs(skip)[1].text.clip_skip == 2
+
+
+def test_train_config_checks_clip_skip(train_cfg) -> None:
+    validate(train_cfg("conditioning.text.clip_skip=2"))
+    with pytest.raises(ConfigError, match=r"conditioning.text.clip_skip: must be an integer >= 1"):
+        validate(train_cfg("conditioning.text.clip_skip=0"))
+    with pytest.raises(ConfigError, match=r"clip_skip: SDXL always reads its encoders' penultimate"):
+        validate(train_cfg("model=tiny_xl", "conditioning.text.clip_skip=2"))
