@@ -227,7 +227,9 @@ NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
         + ["evaluation.seed", "trainer.num_sanity_val_steps", "callbacks.checkpoint.save_top_k"],
         (_integer, "an integer"),
     ),
-    **dict.fromkeys(["data.num_workers", "evaluation.every_n_steps"], (is_index, "an integer >= 0")),
+    **dict.fromkeys(
+        ["data.num_workers", "data.keep_tokens", "evaluation.every_n_steps"], (is_index, "an integer >= 0")
+    ),
     **dict.fromkeys(
         ["method.weight_decay", "loss.noise_offset", "sampling.guidance", "evaluation.guidance"]
         + ["data.class_generation.guidance", "trainer.limit_val_batches"],
@@ -246,6 +248,7 @@ FLAGS = (
     *("method.train_text_encoder", "method.use_rslora", "method.zero_terminal_snr", "method.scale_lr"),
     *("method.gradient_checkpointing", "method.ema.warmup", "data.cache_latents", "data.random_flip"),
     *("data.center_crop", "data.bucketing", "export.ema", "model.allow_pickle", "runtime.tune_malloc"),
+    "data.shuffle_caption",
     *("callbacks.checkpoint.save_last", "trainer.enable_model_summary", "runtime.master_weights"),
     *("runtime.cudnn_benchmark", "runtime.fused_optimizer", "runtime.channels_last", "runtime.compile"),
     "runtime.gradient_checkpointing",
@@ -364,6 +367,9 @@ def _check_data(cfg: DictConfig, report: Report) -> None:
         )
     if root is not None and hf_name is None and not Path(root).expanduser().is_dir():
         report(f"data.root: folder {root!r} does not exist")
+    separator = data.get("caption_separator", ",")
+    if not isinstance(separator, str) or not separator.strip():
+        report(f"data.caption_separator: must be a non-blank string such as ',', got {separator!r}")
     if data.name == "dreambooth":
         _check_dreambooth(data, report)
     if data.name == "shapes":

@@ -34,6 +34,17 @@ def tiny_dir(cache_dir: Path) -> Path:
     return ensure_tiny_pipeline(cache_dir, "pretrained")
 
 
+@pytest.fixture(scope="module")
+def stack(tiny_dir: Path):
+    """The tiny SD1 stack, loaded once per test module (tests that change it load their own)."""
+    from omegaconf import OmegaConf
+
+    from sdtune.models import load_stack
+
+    model = OmegaConf.create({"family": "sd1", "pretrained": str(tiny_dir), "config": None})
+    return load_stack(model, tiny_dir.parent)
+
+
 def compose_config(config_name: str, overrides: list[str], run_dir: Path | None = None) -> DictConfig:
     """Compose a config from conf/ as the CLI would; with `run_dir`, as if Hydra had created it."""
     GlobalHydra.instance().clear()

@@ -13,7 +13,6 @@ from sdtune.conditioning import build_conditioning
 from sdtune.data.cache import CacheError, prepare_cache, read_entry
 from sdtune.data.datamodule import ImageCaptionDataModule
 from sdtune.data.transforms import ImageTransform
-from sdtune.models import load_stack
 from sdtune.module import DiffusionModule
 
 CAPTIONS = ["a red circle", "a blue square", "a green star", "a purple cross"]
@@ -33,14 +32,6 @@ def write_folder(
         lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_dir):
-    from omegaconf import OmegaConf
-
-    model = OmegaConf.create({"family": "sd1", "pretrained": str(tiny_dir), "config": None})
-    return load_stack(model, tiny_dir.parent)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,10 @@ from omegaconf import OmegaConf
 from sdtune.conditioning import build_conditioning
 from sdtune.config import ConfigError, validate
 from sdtune.data.cache import prepare_cache
-from sdtune.models import load_stack
 from sdtune.sample import source_configs
 
 from .conftest import compose_config
 from .test_cache import CAPTIONS, datamodule, write_folder
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_dir):
-    model = OmegaConf.create({"family": "sd1", "pretrained": str(tiny_dir), "config": None})
-    return load_stack(model, tiny_dir.parent)
 
 
 def text_conditioner(stack, clip_skip: int):

@@ -19,6 +19,7 @@ from sdtune.data.buckets import (
     read_image_sizes,
     trainer_position,
 )
+from sdtune.data.captions import CaptionShuffle, ShuffledCaptions
 from sdtune.data.fingerprint import dataset_summary
 from sdtune.data.records import Records, check, discover
 from sdtune.data.sampler import ResumableDataLoader, ResumableSampler, split_item
@@ -85,6 +86,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         bucket_max_aspect: float = 2.0,
         cache_latents: bool = False,
         latent_cache_dir: str | None = None,
+        shuffle_caption: bool = False,
+        keep_tokens: int = 0,
+        caption_separator: str = ",",
     ) -> None:
         super().__init__()
         self.name = name
@@ -110,6 +114,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.records: Records | None = None
         # The latent/text cache is built by `sdtune.data.cache.prepare_cache` once the stack is loaded.
         self.cache_latents, self.latent_cache_dir = cache_latents, latent_cache_dir
+        self.caption_shuffle = CaptionShuffle(keep_tokens, caption_separator) if shuffle_caption else None
 
     @property
     def source(self) -> str:
@@ -170,7 +175,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             position=self._position,
         )
         return ResumableDataLoader(
-            self.dataset,
+            self._training_dataset(),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -178,6 +183,12 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(seed),  # worker seeds without touching the global RNG
         )
+
+    def _training_dataset(self) -> Dataset:
+        """The dataset (cached or not), its captions shuffled when `data.shuffle_caption` asks for it."""
+        if self.caption_shuffle is None:
+            return self.dataset
+        return ShuffledCaptions(self.dataset, self.caption_shuffle)
 
     def _position(self) -> tuple[int, int] | None:
         """(epoch, batches of it already trained) from the trainer's progress, restored on resume."""
@@ -202,7 +213,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             position=lambda: trainer_position(self.trainer),
         )
         return ResumableDataLoader(
-            self.dataset,
+            self._training_dataset(),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
