@@ -475,9 +475,22 @@ def _check_loss(cfg: DictConfig, report: Report) -> None:
     if loss.snr_gamma is not None:
         require_number(report, "loss.snr_gamma", loss.snr_gamma, lambda v: v > 0, "a positive number or null")
     _check_timestep_bias(loss.get("timestep_bias"), report)
+    _check_loss_type(loss, report)
     limit = loss.max_nonfinite_steps
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         report(f"loss.max_nonfinite_steps: must be an integer >= 1, got {limit!r}")
+
+
+def _check_loss_type(loss: DictConfig, report: Report) -> None:
+    from sdtune.losses import HUBER_SCHEDULES, LOSS_TYPES
+
+    kind = loss.get("type", "mse")
+    if kind not in LOSS_TYPES:
+        report(f"loss.type: {kind!r} is not one of {', '.join(LOSS_TYPES)}")
+    if kind in ("huber", "smooth_l1"):
+        require_number(report, "loss.huber_c", loss.huber_c, lambda v: 0 < v < 1, "a number in (0, 1)")
+        if loss.huber_schedule not in HUBER_SCHEDULES:
+            report(f"loss.huber_schedule: {loss.huber_schedule!r} is not one of {', '.join(HUBER_SCHEDULES)}")
 
 
 def _check_timestep_bias(bias: DictConfig | None, report: Report) -> None:

@@ -1,7 +1,8 @@
-"""The latent-diffusion objective: timesteps, targets, min-SNR weighting, noise offset."""
+"""The latent-diffusion objective: timesteps, targets, min-SNR weighting, noise offset, pseudo-Huber loss."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -93,6 +94,33 @@ def min_snr_weights(scheduler: Any, timesteps: Tensor, gamma: float, prediction_
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error of each sample, in fp32."""
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+
+
+LOSS_TYPES = ("mse", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+def huber_c(scheduler: Any, timesteps: Tensor, c: float, schedule: str) -> Tensor:
+    """Each sample's pseudo-Huber threshold: `c`, or (`exponential`, `snr`) near 1 at little noise, where
+    errors are small and the loss should stay quadratic, falling to `c` at much noise (sd-scripts')."""
+    if schedule == "constant":
+        return torch.full(timesteps.shape, c, device=timesteps.device)
+    if schedule == "exponential":
+        rate = -math.log(c) / scheduler.config.num_train_timesteps
+        return torch.exp(-rate * timesteps.float())
+    if schedule == "snr":
+        sigmas = snr(scheduler, timesteps).rsqrt()
+        return (1 - c) / (1 + sigmas) ** 2 + c
+    raise ValueError(f"unknown huber schedule {schedule!r}; use one of {', '.join(HUBER_SCHEDULES)}")
+
+
+def per_sample_pseudo_huber(pred: Tensor, target: Tensor, c: Tensor, kind: str = "huber") -> Tensor:
+    """Pseudo-Huber loss of each sample, in fp32: 2c(√(δ² + c²) − c) (`huber`: ≈ δ² for |δ| ≪ c, linear past
+    it) or 2(√(δ² + c²) − c) (`smooth_l1`: ≈ 2|δ| for |δ| ≫ c); `c` holds one threshold per sample."""
+    c = c.float().reshape(-1, *[1] * (pred.dim() - 1))
+    pseudo = torch.sqrt((pred.float() - target.float()) ** 2 + c**2) - c
+    scale = 2 * c if kind == "huber" else 2.0
+    return (scale * pseudo).flatten(1).mean(dim=1)
 
 
 def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:

@@ -15,8 +15,10 @@ from sdtune.conditioning.text import with_micro_conditioning
 from sdtune.config import ConfigError
 from sdtune.losses import (
     NonFiniteGuard,
+    huber_c,
     min_snr_weights,
     per_sample_mse,
+    per_sample_pseudo_huber,
     prediction_target,
     prior_preservation_loss,
     sample_noise,
@@ -110,7 +112,8 @@ class DiffusionModule(pl.LightningModule):
         return posterior.sample() * self.vae.config.scaling_factor
 
     def per_sample_loss(self, latents: Tensor, conditions: Conditions) -> Tensor:
-        """Denoising loss of each sample at a random timestep (min-SNR weighted if configured)."""
+        """Denoising loss (MSE or pseudo-Huber) of each sample at a random timestep, min-SNR weighted if
+        configured."""
         scheduler = self.stack.noise_scheduler
         noise = sample_noise(latents, self.loss_cfg.noise_offset)
         timesteps = sample_timesteps(
@@ -119,7 +122,12 @@ class DiffusionModule(pl.LightningModule):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = self.unet(conditions.unet_input(noisy), timesteps, **conditions.unet_kwargs()).sample
         target = prediction_target(scheduler, latents, noise, timesteps, self.prediction_type)
-        losses = per_sample_mse(pred, target)
+        kind = self.loss_cfg.get("type", "mse")
+        if kind == "mse":
+            losses = per_sample_mse(pred, target)
+        else:
+            c = huber_c(scheduler, timesteps, self.loss_cfg.huber_c, self.loss_cfg.huber_schedule)
+            losses = per_sample_pseudo_huber(pred, target, c, kind)
         if self.loss_cfg.snr_gamma is not None:
             weights = min_snr_weights(scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type)
             return losses * weights

@@ -3,8 +3,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdtune.losses import (
+    huber_c,
     min_snr_weights,
     per_sample_mse,
+    per_sample_pseudo_huber,
     prediction_target,
     sample_noise,
     sample_timesteps,
@@ -141,3 +143,62 @@ def test_a_timestep_range_past_the_models_schedule_is_a_config_error(train_cfg) 
     )
     with pytest.raises(ConfigError, match=r"loss.timestep_bias.range.*0..999"):
         train(cfg)
+
+
+def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones() -> None:
+    pred, target = torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    target[0] = 0.01  # |δ| ≪ c: huber ≈ δ², as MSE
+    target[1] = 10.0  # |δ| ≫ c: huber ≈ 2c|δ|, smooth_l1 ≈ 2|δ|
+    target[2] = 1000.0
+    c = torch.full((3,), 0.1)
+    huber = per_sample_pseudo_huber(pred, target, c, "huber")
+    torch.testing.assert_close(huber[0], per_sample_mse(pred, target)[0], rtol=1e-2, atol=0)
+    torch.testing.assert_close(huber[1], torch.tensor(2 * 0.1 * 10.0), rtol=2e-2, atol=0)
+    smooth = per_sample_pseudo_huber(pred, target, c, "smooth_l1")
+    torch.testing.assert_close(smooth[2], torch.tensor(2 * 1000.0), rtol=1e-3, atol=0)
+    assert huber[2] / huber[1] < 101  # an outlier 100× larger weighs ≈ 100× more, not 10,000× as in MSE
+
+
+def test_an_outlier_pulls_the_huber_gradient_no_harder_than_2c() -> None:
+    pred = torch.zeros(1, 1, 1, 2, requires_grad=True)
+    target = torch.tensor([[[[0.05, 50.0]]]])
+    per_sample_pseudo_huber(pred, target, torch.tensor([0.1]), "huber").sum().backward()
+    assert pred.grad.abs().max() <= 2 * 0.1 / 2 + 1e-6  # d/dδ of the mean over 2 elements, bounded by 2c/2
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "snr"])
+def test_huber_schedules_fall_from_about_1_to_c_as_noise_grows(schedule) -> None:
+    t = torch.arange(0, 1000, 50)
+    c = huber_c(scheduler(), t, 0.1, schedule)
+    assert torch.all(c[1:] <= c[:-1]) and 0.1 - 1e-6 <= float(c.min()) and float(c.max()) <= 1.0 + 1e-6
+    assert float(c[0]) > 0.6 and float(c[-1]) < 0.15
+    assert torch.equal(huber_c(scheduler(), t, 0.1, "constant"), torch.full(t.shape, 0.1))
+
+
+def test_training_with_a_huber_loss_and_its_config_checks(train_cfg, monkeypatch) -> None:
+    import sdtune.module
+    from sdtune.config import ConfigError, validate
+    from sdtune.train import train
+
+    thresholds: list[torch.Tensor] = []
+
+    def recorded(pred, target, c, kind):
+        thresholds.append(c)
+        assert kind == "huber"
+        return per_sample_pseudo_huber(pred, target, c, kind)
+
+    monkeypatch.setattr(sdtune.module, "per_sample_pseudo_huber", recorded)
+    common = ["+experiment=lora", "data.num_images=4", "data.batch_size=2", "sampling.prompts=[]"]
+    common += ["export.formats=[]", "logger=none", "runtime.threads=1"]
+    run = train(
+        train_cfg(*common, "trainer.max_steps=2", "loss.type=huber", "loss.huber_schedule=exponential")
+    )
+    assert run.trainer.global_step == 2
+    assert len(thresholds) == 2 and all(
+        0.1 - 1e-6 <= float(c.min()) <= float(c.max()) <= 1 for c in thresholds
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(train_cfg(*common, "loss.type=l1", "loss.huber_c=2"))
+    assert "loss.type: 'l1' is not one of mse, huber, smooth_l1" in str(info.value)
+    with pytest.raises(ConfigError, match=r"loss.huber_c: must be a number in \(0, 1\)"):
+        validate(train_cfg(*common, "loss.type=smooth_l1", "loss.huber_c=2"))
