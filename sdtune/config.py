@@ -228,14 +228,22 @@ NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
         (_integer, "an integer"),
     ),
     **dict.fromkeys(
-        ["data.num_workers", "data.keep_tokens", "evaluation.every_n_steps"], (is_index, "an integer >= 0")
+        [
+            "data.num_workers",
+            "data.keep_tokens",
+            "evaluation.every_n_steps",
+            "loss.multires_noise_iterations",
+        ],
+        (is_index, "an integer >= 0"),
     ),
     **dict.fromkeys(
         ["method.weight_decay", "loss.noise_offset", "sampling.guidance", "evaluation.guidance"]
+        + ["loss.input_perturbation"]
         + ["data.class_generation.guidance", "trainer.limit_val_batches"],
         (lambda v: v >= 0, "a number >= 0"),
     ),
     "method.eps": (lambda v: v > 0, "a positive number"),
+    "loss.multires_noise_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
 }
 NULLABLE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),

@@ -11,16 +11,49 @@ from torch import Tensor
 
 
 def sample_noise(
-    latents: Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None
+    latents: Tensor,
+    noise_offset: float = 0.0,
+    generator: torch.Generator | None = None,
+    multires_iterations: int = 0,
+    multires_discount: float = 0.3,
 ) -> Tensor:
-    """Gaussian noise like `latents`; `noise_offset` adds a per-channel constant (dark or bright images)."""
+    """Gaussian noise like `latents`; `multires_iterations` makes it pyramid noise (`pyramid_noise`),
+    `noise_offset` adds a per-channel constant (dark or bright images)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if multires_iterations:
+        noise = pyramid_noise(noise, multires_iterations, multires_discount, generator)
     if noise_offset:
         offset = torch.randn(
             latents.shape[:2], generator=generator, device=latents.device, dtype=latents.dtype
         )
         noise = noise + noise_offset * offset[..., None, None]
     return noise
+
+
+def pyramid_noise(
+    noise: Tensor, iterations: int, discount: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Multi-resolution ("pyramid") noise, sd-scripts' --multires_noise_iterations: coarser and coarser
+    Gaussian fields (each 2–4× smaller than the last, weighted `discount`^i) upsampled onto `noise`, then
+    every sample rescaled to unit variance; low frequencies get noised too, so the model learns them."""
+    batch, channels, height, width = noise.shape
+    out = noise.float()
+    for i in range(1, iterations + 1):
+        ratio = 2.0 + 2.0 * float(torch.rand((), generator=generator))
+        size = (max(1, int(height / ratio**i)), max(1, int(width / ratio**i)))
+        coarse = torch.randn((batch, channels, *size), generator=generator, device=noise.device)
+        out = out + F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**i
+        if 1 in size:
+            break
+    out = out / out.std(dim=(1, 2, 3), keepdim=True)
+    return out.to(noise.dtype)
+
+
+def perturbed(noise: Tensor, gamma: float, generator: torch.Generator | None = None) -> Tensor:
+    """Input perturbation (Ning et al. 2023; diffusers' --input_perturbation, sd-scripts' --ip_noise_gamma):
+    the noise the model's input is made with, `noise` + γ·ε′, while the target keeps `noise`."""
+    extra = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + gamma * extra
 
 
 TIMESTEP_BIAS = ("none", "earlier", "later", "range")

@@ -19,6 +19,7 @@ from sdtune.losses import (
     min_snr_weights,
     per_sample_mse,
     per_sample_pseudo_huber,
+    perturbed,
     prediction_target,
     prior_preservation_loss,
     sample_noise,
@@ -115,11 +116,18 @@ class DiffusionModule(pl.LightningModule):
         """Denoising loss (MSE or pseudo-Huber) of each sample at a random timestep, min-SNR weighted if
         configured."""
         scheduler = self.stack.noise_scheduler
-        noise = sample_noise(latents, self.loss_cfg.noise_offset)
+        loss = self.loss_cfg
+        noise = sample_noise(
+            latents,
+            loss.noise_offset,
+            multires_iterations=loss.get("multires_noise_iterations", 0),
+            multires_discount=loss.get("multires_noise_discount", 0.3),
+        )
         timesteps = sample_timesteps(
             latents.shape[0], scheduler.config.num_train_timesteps, self.timestep_weights, latents.device
         )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        gamma = loss.get("input_perturbation", 0.0)
+        noisy = scheduler.add_noise(latents, perturbed(noise, gamma) if gamma else noise, timesteps)
         pred = self.unet(conditions.unet_input(noisy), timesteps, **conditions.unet_kwargs()).sample
         target = prediction_target(scheduler, latents, noise, timesteps, self.prediction_type)
         kind = self.loss_cfg.get("type", "mse")

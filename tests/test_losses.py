@@ -7,7 +7,9 @@ from sdtune.losses import (
     min_snr_weights,
     per_sample_mse,
     per_sample_pseudo_huber,
+    perturbed,
     prediction_target,
+    pyramid_noise,
     sample_noise,
     sample_timesteps,
     snr,
@@ -202,3 +204,45 @@ def test_training_with_a_huber_loss_and_its_config_checks(train_cfg, monkeypatch
     assert "loss.type: 'l1' is not one of mse, huber, smooth_l1" in str(info.value)
     with pytest.raises(ConfigError, match=r"loss.huber_c: must be a number in \(0, 1\)"):
         validate(train_cfg(*common, "loss.type=smooth_l1", "loss.huber_c=2"))
+
+
+def test_pyramid_noise_has_unit_variance_and_noises_the_low_frequencies() -> None:
+    latents = torch.zeros(64, 4, 16, 16)
+    plain = sample_noise(latents, generator=torch.Generator().manual_seed(0))
+    seed = torch.Generator().manual_seed(0)
+    pyramid = sample_noise(latents, generator=seed, multires_iterations=6, multires_discount=0.8)
+    assert pyramid.shape == latents.shape
+    torch.testing.assert_close(pyramid.std(dim=(1, 2, 3)), torch.ones(64), rtol=1e-4, atol=1e-4)
+    # The mean of each channel (the lowest frequency) varies as 1/(H·W) for white noise, far more here.
+    assert pyramid.mean(dim=(2, 3)).var() > 3 * plain.mean(dim=(2, 3)).var()
+    again = pyramid_noise(plain, 6, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(again, pyramid_noise(plain, 6, 0.3, torch.Generator().manual_seed(1)))
+    assert torch.equal(sample_noise(latents, generator=torch.Generator().manual_seed(0)), plain)
+
+
+def test_input_perturbation_noises_the_input_but_not_the_target(train_cfg, monkeypatch) -> None:
+    import sdtune.module
+    from sdtune.train import train
+
+    seen: dict[str, list[torch.Tensor]] = {"noise": [], "input": [], "target": []}
+
+    def recorded_perturbed(noise, gamma, generator=None):
+        out = perturbed(noise, gamma, generator)
+        seen["noise"].append(noise)
+        seen["input"].append(out)
+        return out
+
+    def recorded_target(scheduler, latents, noise, timesteps, prediction_type):
+        seen["target"].append(noise)
+        return prediction_target(scheduler, latents, noise, timesteps, prediction_type)
+
+    monkeypatch.setattr(sdtune.module, "perturbed", recorded_perturbed)
+    monkeypatch.setattr(sdtune.module, "prediction_target", recorded_target)
+    common = ["+experiment=lora", "data.num_images=4", "data.batch_size=2", "sampling.prompts=[]"]
+    common += ["export.formats=[]", "logger=none", "runtime.threads=1", "trainer.max_steps=2"]
+    train(train_cfg(*common, "loss.input_perturbation=0.1", "loss.multires_noise_iterations=3"))
+    assert len(seen["input"]) == 2 and len(seen["target"]) == 2
+    for noise, given, target in zip(seen["noise"], seen["input"], seen["target"]):
+        assert torch.equal(target, noise)
+        spread = (given - noise).std()
+        assert 0.05 < float(spread) < 0.2  # γ = 0.1
