@@ -244,6 +244,7 @@ NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "method.eps": (lambda v: v > 0, "a positive number"),
     "loss.multires_noise_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "data.caption_tag_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 NULLABLE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),

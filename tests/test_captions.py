@@ -33,6 +33,18 @@ def test_keep_tokens_stay_in_front_and_no_tag_is_lost() -> None:
     assert again == shuffle(TAGS, torch.Generator().manual_seed(7))
 
 
+def test_tag_dropout_leaves_tags_out_but_never_the_kept_ones() -> None:
+    thin = CaptionShuffle(keep_tokens=1, shuffle=False, tag_dropout=0.5)
+    all_tags = [t.strip() for t in TAGS.split(",")]
+    lengths = []
+    for seed in range(200):
+        tags = thin(TAGS, torch.Generator().manual_seed(seed)).split(", ")
+        assert tags[0] == "sks" and tags == [t for t in all_tags if t in tags]  # order kept without shuffle
+        lengths.append(len(tags) - 1)
+    assert 2.0 < sum(lengths) / len(lengths) < 3.0  # 5 droppable tags at p = 0.5: 2.5 on average
+    assert CaptionShuffle(shuffle=False)(TAGS) == TAGS
+
+
 def test_another_separator_and_empty_tags() -> None:
     out = CaptionShuffle(keep_tokens=1, separator="|")("a| b ||c", torch.Generator().manual_seed(0))
     assert out.split("| ")[0] == "a" and sorted(out.split("| ")) == ["a", "b", "c"]
@@ -76,6 +88,9 @@ def test_the_dataloader_shuffles_each_epoch_the_same_way_on_every_run(tmp_path) 
     assert _captions_by_epoch(root, 3, shuffle_caption=True, keep_tokens=2) == shuffled  # reproducible
     plain = _captions_by_epoch(root, 1)
     assert plain[0] == {f"tok{i}": f"tok{i}, {TAGS}" for i in range(4)}
+    (thinned,) = _captions_by_epoch(root, 1, caption_tag_dropout=0.9, keep_tokens=1)
+    assert sorted(thinned) == [f"tok{i}" for i in range(4)]
+    assert sum(len(c.split(", ")) for c in thinned.values()) < 4 * 4  # of 4 × 7 tags, ≈ 4 × 1.6 remain
 
 
 def test_shuffle_config_is_checked(train_cfg, tmp_path) -> None:

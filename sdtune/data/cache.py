@@ -267,7 +267,8 @@ def prepare_cache(
     if report.text_cached and getattr(datamodule, "caption_shuffle", None) is not None:
         report.text_cached = False
         report.notes.append(
-            "shuffled captions are encoded every step: text is not cached (data.shuffle_caption)"
+            "shuffled captions are encoded every step: text is not cached (data.shuffle_caption, "
+            "data.caption_tag_dropout)"
         )
     sdxl = getattr(stack, "text_encoder_2", None) is not None
     column = datamodule.discover_kwargs["image_column"]

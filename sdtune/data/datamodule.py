@@ -89,6 +89,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         shuffle_caption: bool = False,
         keep_tokens: int = 0,
         caption_separator: str = ",",
+        caption_tag_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.name = name
@@ -114,7 +115,11 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.records: Records | None = None
         # The latent/text cache is built by `sdtune.data.cache.prepare_cache` once the stack is loaded.
         self.cache_latents, self.latent_cache_dir = cache_latents, latent_cache_dir
-        self.caption_shuffle = CaptionShuffle(keep_tokens, caption_separator) if shuffle_caption else None
+        self.caption_shuffle = (
+            CaptionShuffle(keep_tokens, caption_separator, shuffle_caption, caption_tag_dropout)
+            if shuffle_caption or caption_tag_dropout
+            else None
+        )
 
     @property
     def source(self) -> str:
@@ -185,7 +190,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         )
 
     def _training_dataset(self) -> Dataset:
-        """The dataset (cached or not), its captions shuffled when `data.shuffle_caption` asks for it."""
+        """The dataset (cached or not), its captions shuffled or thinned when `data.shuffle_caption` or
+        `data.caption_tag_dropout` asks for it."""
         if self.caption_shuffle is None:
             return self.dataset
         return ShuffledCaptions(self.dataset, self.caption_shuffle)
