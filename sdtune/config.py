@@ -164,6 +164,8 @@ def _check_sdxl(cfg: DictConfig, report: Report) -> None:
                 f"conditioning.{name}.clip_skip: SDXL always reads its encoders' penultimate layers (as its "
                 "pipeline and sd-scripts do); leave it at 1"
             )
+        elif component.get("max_token_length", 75) != 75:
+            report(f"conditioning.{name}.max_token_length: SDXL reads 75 tokens so far; leave it at 75")
 
 
 def _check_pickle(path: Path, allow_pickle: bool, report: Report) -> None:

@@ -30,6 +30,9 @@ def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
                 f"(it provides {', '.join(provided)}); choose a data config with it, e.g. the one "
                 f"conditioning=… selects by default"
             )
+        length = component.get("max_token_length", 75)
+        if length not in (75, 150, 225):
+            report(f"conditioning.{name}.max_token_length: got {length!r}; use 75, 150 or 225")
         modes = getattr(cls, "resize_modes", None)
         if modes and component.get("resize", modes[0]) not in modes:
             report(f"conditioning.{name}.resize: {component.resize!r}; valid: {', '.join(modes)}")

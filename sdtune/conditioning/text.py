@@ -29,15 +29,37 @@ class TextConditioner(nn.Module):
     `clip_skip` is A1111's and kohya's "clip skip": 1 = the last layer's hidden states, 2 = the penultimate
     layer's, each through the encoder's final layer norm (diffusers' `clip_skip` counts from 0: its 1 is
     this 2). SDXL always uses the penultimate layers, as its pipeline does.
+
+    `max_token_length` (kohya's option: 75, 150 or 225) reads that many caption tokens instead of 75: the
+    tokens are cut into chunks of 75, each encoded between its own BOS and EOS, and the chunks' hidden states
+    joined (the first BOS, every chunk's 75, the last EOS), as sd-scripts does. SDXL: 75 only.
     """
 
     slot = "crossattn"
 
-    def __init__(self, stack: Any, dropout: float = 0.1, key: str = "caption", clip_skip: int = 1) -> None:
+    def __init__(
+        self,
+        stack: Any,
+        dropout: float = 0.1,
+        key: str = "caption",
+        clip_skip: int = 1,
+        max_token_length: int = 75,
+    ) -> None:
         super().__init__()
         layers = stack.text_encoder.config.num_hidden_layers
-        if getattr(stack, "text_encoder_2", None) is not None and clip_skip != 1:
-            raise ConfigError(["conditioning.text.clip_skip: SDXL reads penultimate layers; leave it at 1"])
+        sdxl = getattr(stack, "text_encoder_2", None) is not None
+        if sdxl and (clip_skip, max_token_length) != (1, 75):
+            raise ConfigError(
+                [
+                    "conditioning.text: SDXL reads penultimate layers of 75 tokens; leave clip_skip=1 and "
+                    "max_token_length=75"
+                ]
+            )
+        if max_token_length not in MAX_TOKEN_LENGTHS:
+            raise ConfigError(
+                [f"conditioning.text.max_token_length: got {max_token_length!r}; use 75, 150 or 225"]
+            )
+        self.chunks = max_token_length // 75
         if not 1 <= clip_skip <= layers:
             raise ConfigError(
                 [
@@ -80,7 +102,7 @@ class TextConditioner(nn.Module):
     def token_ids(self, captions: list[str]) -> Tensor:
         """Each tokenizer's ids of `captions`, side by side (what the text cache is keyed by)."""
         tokenizers = [self.tokenizer] + ([self.tokenizer_2] if self.text_encoder_2 is not None else [])
-        return torch.cat([_token_ids(tokenizer, captions) for tokenizer in tokenizers], dim=1)
+        return torch.cat([_token_ids(tokenizer, captions, self.chunks) for tokenizer in tokenizers], dim=1)
 
     def chosen_captions(self, batch: dict[str, Any], drop: Tensor) -> list[str]:
         """Each sample's caption, or its null caption (negative or empty) where `drop` is set."""
@@ -89,11 +111,21 @@ class TextConditioner(nn.Module):
         return [neg if dropped else cap for cap, neg, dropped in zip(captions, negatives, drop.tolist())]
 
     def encode(self, captions: list[str]) -> Tensor:
-        hidden = self.hidden_states(_token_ids(self.tokenizer, self._rewritten(captions)))
+        hidden = self.hidden_states(_token_ids(self.tokenizer, self._rewritten(captions), self.chunks))
         return hidden if self.output_device is None else hidden.to(self.output_device)
 
     def hidden_states(self, ids: Tensor) -> Tensor:
-        """The hidden states that condition the U-Net: the `clip_skip`-th layer from the end, normalised."""
+        """The hidden states that condition the U-Net: the `clip_skip`-th layer from the end, normalised;
+        chunked ids (`max_token_length` > 75) are encoded chunk by chunk and joined."""
+        if self.chunks == 1:
+            return self._layer(ids)
+        batch, length = ids.shape[0], self.tokenizer.model_max_length
+        hidden = self._layer(ids.reshape(batch * self.chunks, length))
+        hidden = hidden.reshape(batch, self.chunks, length, hidden.shape[-1])
+        body = hidden[:, :, 1:-1].reshape(batch, self.chunks * (length - 2), hidden.shape[-1])
+        return torch.cat([hidden[:, 0, :1], body, hidden[:, -1, -1:]], dim=1)
+
+    def _layer(self, ids: Tensor) -> Tensor:
         encoder = self.text_encoder
         if self.clip_skip == 1:
             return encoder(ids.to(encoder.device))[0]
@@ -149,11 +181,24 @@ def with_micro_conditioning(batch: dict[str, Any], size: int, height: int, width
     return {**batch, **{key: torch.tensor([defaults[key]] * size) for key in missing}}
 
 
-def _token_ids(tokenizer: Any, captions: list[str]) -> Tensor:
-    return tokenizer(
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+def _token_ids(tokenizer: Any, captions: list[str], chunks: int = 1) -> Tensor:
+    """(B, chunks × 77) ids: `chunks` × 75 caption tokens, each run of 75 between BOS and EOS."""
+    length = tokenizer.model_max_length
+    ids = tokenizer(
         captions,
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=(length - 2) * chunks + 2,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+    if chunks == 1:
+        return ids
+    body = ids[:, 1:-1].reshape(len(captions), chunks, length - 2)
+    ends = [
+        torch.full((len(captions), chunks, 1), t, dtype=ids.dtype)
+        for t in (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    ]
+    return torch.cat([ends[0], body, ends[1]], dim=2).reshape(len(captions), chunks * length)

@@ -182,17 +182,22 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
         num_train_images=ctx.num_train_images,
         prediction_type=ctx.prediction_type,
         title=ctx.name,
-        extra={"ss_training_alpha": str(scale_alpha), "ss_clip_skip": str(_clip_skip(ctx))},
+        extra={
+            "ss_training_alpha": str(scale_alpha),
+            "ss_clip_skip": str(_text_setting(ctx, "clip_skip")),
+            "ss_max_token_length": str(_text_setting(ctx, "chunks", 75)),
+        },
     )
     out = Path(out)
     save_kohya(out, cast_floats(state, ctx.dtype), metadata)
     return out
 
 
-def _clip_skip(ctx: ExportContext) -> int | None:
-    """The clip skip the run trained with (kohya records it as `ss_clip_skip`), None without text."""
+def _text_setting(ctx: ExportContext, name: str, scale: int = 1) -> int | None:
+    """A setting of the run's text conditioning (× `scale`) for kohya's metadata; None without text."""
     components = ctx.conditioning.components if ctx.conditioning is not None else {}
-    return getattr(components["text"], "clip_skip", None) if "text" in components else None
+    value = getattr(components["text"], name, None) if "text" in components else None
+    return None if value is None else value * scale
 
 
 def _export_lycoris(ctx: ExportContext, out: Path) -> Path:

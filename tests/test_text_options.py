@@ -1,4 +1,4 @@
-"""Clip skip (A1111 / kohya `--clip_skip`): the layer read, as diffusers reads it; cached, sampled alike."""
+"""Clip skip and max_token_length (kohya's options): what is read, cached and sampled."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from .conftest import compose_config
 from .test_cache import CAPTIONS, datamodule, write_folder
 
 
-def text_conditioner(stack, clip_skip: int):
-    cfg = {"text": {"_target_": "sdtune.conditioning.text.TextConditioner", "clip_skip": clip_skip}}
+def text_conditioner(stack, clip_skip: int = 1, max_token_length: int = 75):
+    options = {"clip_skip": clip_skip, "max_token_length": max_token_length}
+    cfg = {"text": {"_target_": "sdtune.conditioning.text.TextConditioner", **options}}
     return build_conditioning(OmegaConf.create(cfg), stack).components["text"]
 
 
@@ -80,3 +81,55 @@ def test_train_config_checks_clip_skip(train_cfg) -> None:
         validate(train_cfg("conditioning.text.clip_skip=0"))
     with pytest.raises(ConfigError, match=r"clip_skip: SDXL always reads its encoders' penultimate"):
         validate(train_cfg("model=tiny_xl", "conditioning.text.clip_skip=2"))
+
+
+WORDS = ["red", "blue", "green", "circle", "square", "star", "gray", "white"]
+LONG = ", ".join(WORDS[i % 8] for i in range(100))  # ≈ 200 tokens
+
+
+def test_long_captions_are_read_in_chunks_of_75(stack) -> None:
+    text = text_conditioner(stack, max_token_length=150)
+    tokenizer = stack.tokenizer
+    ids = text.token_ids([LONG, "a red star"])
+    assert ids.shape == (2, 154)
+    chunks = ids.reshape(2, 2, 77)
+    assert (chunks[:, :, 0] == tokenizer.bos_token_id).all() and (
+        chunks[:, :, -1] == tokenizer.eos_token_id
+    ).all()
+    plain = tokenizer(LONG, truncation=False).input_ids[1:-1]
+    assert chunks[0, :, 1:-1].reshape(-1).tolist() == plain[:150]
+    with torch.no_grad():
+        long_hidden = text.encode([LONG])
+        short_hidden = text_conditioner(stack).encode([LONG])
+    assert long_hidden.shape[:2] == (1, 152) and short_hidden.shape[:2] == (1, 77)
+    # The first chunk is what the 75-token encoder reads (BOS + the first 75 tokens).
+    torch.testing.assert_close(long_hidden[:, :76], short_hidden[:, :76], rtol=0, atol=1e-6)
+
+
+def test_words_past_75_tokens_change_the_condition_only_with_a_longer_limit(stack) -> None:
+    head = ", ".join(WORDS[i % 8] for i in range(60))  # ≈ 120 tokens: the change lands in the second chunk
+    a, b = head + ", red, red, red", head + ", blue, blue, blue"
+    with torch.no_grad():
+        short = text_conditioner(stack).encode([a, b])
+        long = text_conditioner(stack, max_token_length=150).encode([a, b])
+    assert torch.equal(short[0], short[1])
+    assert (long[0] - long[1]).abs().max() > 1e-3
+
+
+def test_training_and_sampling_with_225_tokens(tmp_path, train_cfg) -> None:
+    from safetensors import safe_open
+
+    from sdtune.sample import sample
+    from sdtune.train import train
+
+    run_dir = tmp_path / "run"
+    common = ["+experiment=lora", "data.num_images=4", "data.batch_size=2", "trainer.max_steps=2"]
+    common += ["sampling.prompts=[]", "logger=none", "runtime.threads=1", "data.cache_latents=true"]
+    train(train_cfg(*common, "conditioning.text.max_token_length=225", run_dir=run_dir))
+    with safe_open(str(run_dir / "lora" / "kohya.safetensors"), "pt") as f:
+        assert f.metadata()["ss_max_token_length"] == "225"
+    args = [f"source={run_dir}", f"prompt='{LONG}'", "steps=2", f"out={tmp_path / 'a.png'}"]
+    (image,) = sample(compose_config("sample", args))
+    assert image.is_file()
+    with pytest.raises(ConfigError, match=r"conditioning.text.max_token_length: got 100; use 75, 150 or 225"):
+        validate(train_cfg("conditioning.text.max_token_length=100"))
