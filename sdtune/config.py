@@ -318,6 +318,7 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 "method.target_modules: must list at least one module name, e.g. [to_q, to_k, to_v, to_out.0]"
             )
         require_number(report, "method.dropout", method.dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _check_loraplus(method, report)
         init_from = method.get("init_from")
         if init_from is not None and not Path(init_from).expanduser().is_file():
             report(f"method.init_from: LoRA file {init_from!r} does not exist")
@@ -346,6 +347,18 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
     )
     if method.ema is not None:
         _check_ema(method.ema, report)
+
+
+def _check_loraplus(method: DictConfig, report: Report) -> None:
+    ratio = method.get("loraplus_lr_ratio")
+    if ratio is None:
+        return
+    require_number(report, "method.loraplus_lr_ratio", ratio, lambda v: v > 0, "a positive number or null")
+    if method.get("variant", "lora") not in ("lora", "dora"):
+        report(
+            f"method.loraplus_lr_ratio: LoRA+ speeds up LoRA's B matrices; method.variant={method.variant} "
+            "has none (use variant=lora or dora, or loraplus_lr_ratio=null)"
+        )
 
 
 def _check_ema(ema: DictConfig, report: Report) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdtune.conditioning import ConditioningStack, Conditions
 from sdtune.conditioning.text import with_micro_conditioning
@@ -166,10 +166,12 @@ class DiffusionModule(pl.LightningModule):
 
         method = self.method
         unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        text_params = [p for p in self.conditioning.parameters() if p.requires_grad]
-        groups = [{"params": unet_params, "lr": method.lr}]
-        if text_params:
-            groups.append({"params": text_params, "lr": method.text_encoder_lr})
+        ratio = method.get("loraplus_lr_ratio")
+        groups = [
+            # An empty U-Net group (textual inversion) is kept: checkpoints hold this group layout.
+            *(loraplus_groups(self.unet, method.lr, ratio) or [{"params": [], "lr": method.lr}]),
+            *loraplus_groups(self.conditioning, method.text_encoder_lr, ratio),
+        ]
         extra = {"fused": True} if self.fused_optimizer and _fusable(method.optimizer, unet_params) else {}
         if self.master_weights:
             self.masters = MasterWeights(self.trainable_parameters(), self._resumed_masters)
@@ -293,3 +295,15 @@ def _fusable(name: str, params: list[Tensor]) -> bool:
     step 121 → 76 ms); on the CPU the default foreach path is kept.
     """
     return name == "adamw" and bool(params) and all(p.is_cuda for p in params)
+
+
+def loraplus_groups(model: nn.Module, lr: float, ratio: float | None) -> list[dict[str, Any]]:
+    """The optimizer groups of `model`'s trainable weights (none if it has none): one at `lr`, or with a
+    LoRA+ `ratio` (Hayou et al. 2024; kohya's loraplus_lr_ratio) the LoRA B matrices apart at `lr` × ratio."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if ratio is None:
+        return [{"params": [p for _, p in named], "lr": lr}] if named else []
+    faster = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]
+    rest = [p for n, p in named if not ("lora_B" in n or "lora_embedding_B" in n)]
+    groups = [{"params": rest, "lr": lr}, {"params": faster, "lr": lr * ratio}]
+    return [group for group in groups if group["params"]]
