@@ -13,14 +13,14 @@ from PIL import Image
 from sdtune.conditioning import build_conditioning
 from sdtune.config import ConfigError, validate
 from sdtune.data.cache import prepare_cache
-from sdtune.data.captions import CaptionShuffle
+from sdtune.data.captions import TagAugment
 from sdtune.data.datamodule import ImageCaptionDataModule
 
 TAGS = "sks, 1girl, red hair, smiling, outdoors, night"
 
 
 def test_keep_tokens_stay_in_front_and_no_tag_is_lost() -> None:
-    shuffle = CaptionShuffle(keep_tokens=2)
+    shuffle = TagAugment(keep_tokens=2)
     orders = set()
     for seed in range(40):
         out = shuffle(TAGS, torch.Generator().manual_seed(seed))
@@ -34,7 +34,7 @@ def test_keep_tokens_stay_in_front_and_no_tag_is_lost() -> None:
 
 
 def test_tag_dropout_leaves_tags_out_but_never_the_kept_ones() -> None:
-    thin = CaptionShuffle(keep_tokens=1, shuffle=False, tag_dropout=0.5)
+    thin = TagAugment(keep_tokens=1, shuffle=False, tag_dropout=0.5)
     all_tags = [t.strip() for t in TAGS.split(",")]
     lengths = []
     for seed in range(200):
@@ -42,11 +42,11 @@ def test_tag_dropout_leaves_tags_out_but_never_the_kept_ones() -> None:
         assert tags[0] == "sks" and tags == [t for t in all_tags if t in tags]  # order kept without shuffle
         lengths.append(len(tags) - 1)
     assert 2.0 < sum(lengths) / len(lengths) < 3.0  # 5 droppable tags at p = 0.5: 2.5 on average
-    assert CaptionShuffle(shuffle=False)(TAGS) == TAGS
+    assert TagAugment(shuffle=False)(TAGS) == TAGS
 
 
 def test_another_separator_and_empty_tags() -> None:
-    out = CaptionShuffle(keep_tokens=1, separator="|")("a| b ||c", torch.Generator().manual_seed(0))
+    out = TagAugment(keep_tokens=1, separator="|")("a| b ||c", torch.Generator().manual_seed(0))
     assert out.split("| ")[0] == "a" and sorted(out.split("| ")) == ["a", "b", "c"]
 
 

@@ -264,7 +264,7 @@ def prepare_cache(
         report.notes.append("random crops cannot be cached: images are centre-cropped (data.center_crop)")
     texts = [c for c in components if not any(p.requires_grad for e in c.encoders for p in e.parameters())]
     report.text_cached = len(texts) == len(components) == 1
-    if report.text_cached and getattr(datamodule, "caption_shuffle", None) is not None:
+    if report.text_cached and getattr(datamodule, "caption_tags", None) is not None:
         report.text_cached = False
         report.notes.append(
             "shuffled captions are encoded every step: text is not cached (data.shuffle_caption, "

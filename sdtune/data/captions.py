@@ -16,7 +16,7 @@ _SEED_OFFSET = 0x5EED
 
 
 @dataclass(frozen=True)
-class CaptionShuffle:
+class TagAugment:
     """Drop each of a caption's tags (split at `separator`) with probability `tag_dropout` and, with
     `shuffle`, put the rest in a random order; the first `keep_tokens` tags always stay, in front (a trigger
     word, say). Tags are stripped, empty ones dropped, and joined with `separator` + a space."""
@@ -38,13 +38,13 @@ class CaptionShuffle:
         return f"{self.separator.strip()} ".join(kept + rest)
 
 
-class ShuffledCaptions(Dataset):
+class AugmentedCaptions(Dataset):
     """`dataset` with each sample's `caption` shuffled (tags dropped); what is drawn follows the sample's seed
     from `ResumableSampler` / `BucketSampler`, so a resumed run reads the same captions."""
 
-    def __init__(self, dataset: Dataset, shuffle: CaptionShuffle) -> None:
+    def __init__(self, dataset: Dataset, augment: TagAugment) -> None:
         self.dataset = dataset
-        self.shuffle = shuffle
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -52,4 +52,4 @@ class ShuffledCaptions(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         sample = self.dataset[item]
         _, generator = split_item((item[0], item[1] + _SEED_OFFSET) if isinstance(item, tuple) else item)
-        return {**sample, "caption": self.shuffle(sample["caption"], generator)}
+        return {**sample, "caption": self.augment(sample["caption"], generator)}

@@ -19,7 +19,7 @@ from sdtune.data.buckets import (
     read_image_sizes,
     trainer_position,
 )
-from sdtune.data.captions import CaptionShuffle, ShuffledCaptions
+from sdtune.data.captions import AugmentedCaptions, TagAugment
 from sdtune.data.fingerprint import dataset_summary
 from sdtune.data.records import Records, check, discover
 from sdtune.data.sampler import ResumableDataLoader, ResumableSampler, split_item
@@ -115,8 +115,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.records: Records | None = None
         # The latent/text cache is built by `sdtune.data.cache.prepare_cache` once the stack is loaded.
         self.cache_latents, self.latent_cache_dir = cache_latents, latent_cache_dir
-        self.caption_shuffle = (
-            CaptionShuffle(keep_tokens, caption_separator, shuffle_caption, caption_tag_dropout)
+        self.caption_tags = (
+            TagAugment(keep_tokens, caption_separator, shuffle_caption, caption_tag_dropout)
             if shuffle_caption or caption_tag_dropout
             else None
         )
@@ -192,9 +192,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     def _training_dataset(self) -> Dataset:
         """The dataset (cached or not), its captions shuffled or thinned when `data.shuffle_caption` or
         `data.caption_tag_dropout` asks for it."""
-        if self.caption_shuffle is None:
+        if self.caption_tags is None:
             return self.dataset
-        return ShuffledCaptions(self.dataset, self.caption_shuffle)
+        return AugmentedCaptions(self.dataset, self.caption_tags)
 
     def _position(self) -> tuple[int, int] | None:
         """(epoch, batches of it already trained) from the trainer's progress, restored on resume."""
