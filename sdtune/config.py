@@ -260,6 +260,7 @@ FLAGS = (
     *("method.gradient_checkpointing", "method.ema.warmup", "data.cache_latents", "data.random_flip"),
     *("data.center_crop", "data.bucketing", "export.ema", "model.allow_pickle", "runtime.tune_malloc"),
     "data.shuffle_caption",
+    "loss.debiased_estimation",
     *("callbacks.checkpoint.save_last", "trainer.enable_model_summary", "runtime.master_weights"),
     *("runtime.cudnn_benchmark", "runtime.fused_optimizer", "runtime.channels_last", "runtime.compile"),
     "runtime.gradient_checkpointing",

@@ -124,6 +124,13 @@ def min_snr_weights(scheduler: Any, timesteps: Tensor, gamma: float, prediction_
     return clipped / (ratio + 1) if prediction_type == "v_prediction" else clipped / ratio
 
 
+def debiased_weights(scheduler: Any, timesteps: Tensor, prediction_type: str) -> Tensor:
+    """Per-sample weights of debiased estimation (Yu et al. 2024; sd-scripts' --debiased_estimation_loss):
+    1/√SNR for ε (1/(SNR + 1) for v), SNR capped at 1000 so the least noisy steps keep a finite weight."""
+    ratio = snr(scheduler, timesteps).clamp(max=1000.0)
+    return 1 / (ratio + 1) if prediction_type == "v_prediction" else ratio.rsqrt()
+
+
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error of each sample, in fp32."""
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)

@@ -15,6 +15,7 @@ from sdtune.conditioning.text import with_micro_conditioning
 from sdtune.config import ConfigError
 from sdtune.losses import (
     NonFiniteGuard,
+    debiased_weights,
     huber_c,
     min_snr_weights,
     per_sample_mse,
@@ -113,8 +114,8 @@ class DiffusionModule(pl.LightningModule):
         return posterior.sample() * self.vae.config.scaling_factor
 
     def per_sample_loss(self, latents: Tensor, conditions: Conditions) -> Tensor:
-        """Denoising loss (MSE or pseudo-Huber) of each sample at a random timestep, min-SNR weighted if
-        configured."""
+        """Denoising loss (MSE or pseudo-Huber) of each sample at a random timestep, min-SNR and/or debiased-
+        estimation weighted if configured."""
         scheduler = self.stack.noise_scheduler
         loss = self.loss_cfg
         noise = sample_noise(
@@ -137,8 +138,11 @@ class DiffusionModule(pl.LightningModule):
             c = huber_c(scheduler, timesteps, self.loss_cfg.huber_c, self.loss_cfg.huber_schedule)
             losses = per_sample_pseudo_huber(pred, target, c, kind)
         if self.loss_cfg.snr_gamma is not None:
-            weights = min_snr_weights(scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type)
-            return losses * weights
+            losses = losses * min_snr_weights(
+                scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type
+            )
+        if self.loss_cfg.get("debiased_estimation", False):
+            losses = losses * debiased_weights(scheduler, timesteps, self.prediction_type)
         return losses
 
     @property

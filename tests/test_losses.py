@@ -3,6 +3,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdtune.losses import (
+    debiased_weights,
     huber_c,
     min_snr_weights,
     per_sample_mse,
@@ -246,3 +247,33 @@ def test_input_perturbation_noises_the_input_but_not_the_target(train_cfg, monke
         assert torch.equal(target, noise)
         spread = (given - noise).std()
         assert 0.05 < float(spread) < 0.2  # γ = 0.1
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_debiased_estimation_weights(prediction_type) -> None:
+    sched = scheduler()
+    t = torch.tensor([0, 10, 500, 999])
+    ratio = snr(sched, t)
+    want = (
+        1 / ratio.clamp(max=1000).sqrt() if prediction_type == "epsilon" else 1 / (ratio.clamp(max=1000) + 1)
+    )
+    got = debiased_weights(sched, t, prediction_type)
+    torch.testing.assert_close(got, want)
+    assert torch.all(got[1:] > got[:-1])  # the noisier the step, the larger its weight
+
+
+def test_training_applies_the_debiased_weights(train_cfg, monkeypatch) -> None:
+    import sdtune.module
+    from sdtune.train import train
+
+    calls: list[torch.Tensor] = []
+
+    def recorded(scheduler, timesteps, prediction_type):
+        calls.append(timesteps)
+        return debiased_weights(scheduler, timesteps, prediction_type)
+
+    monkeypatch.setattr(sdtune.module, "debiased_weights", recorded)
+    common = ["+experiment=lora", "data.num_images=4", "data.batch_size=2", "sampling.prompts=[]"]
+    common += ["export.formats=[]", "logger=none", "runtime.threads=1", "trainer.max_steps=2"]
+    train(train_cfg(*common, "loss.debiased_estimation=true", "loss.snr_gamma=5"))
+    assert len(calls) == 2
