@@ -31,11 +31,16 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
     """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`; the
     resolution of a base model (None) is its own, known once it is loaded (`native_resolution`).
 
-    A `clip_skip` in `cfg` replaces the source's own (a run samples with the one it trained with)."""
+    A `clip_skip` or `max_token_length` in `cfg` replaces the source's own (a run samples with the ones it
+    trained with)."""
     model, conditioning, lora, embedding, resolution = _source_configs(cfg)
-    if cfg.get("clip_skip") is not None and "text" in conditioning:
-        conditioning = OmegaConf.merge(conditioning, {"text": {"clip_skip": cfg.clip_skip}})
+    for key in TEXT_OPTIONS:
+        if cfg.get(key) is not None and "text" in conditioning:
+            conditioning = OmegaConf.merge(conditioning, {"text": {key: cfg[key]}})
     return model, conditioning, lora, embedding, resolution
+
+
+TEXT_OPTIONS = ("clip_skip", "max_token_length")
 
 
 def _source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
@@ -123,6 +128,8 @@ def request_problems(cfg: DictConfig) -> list[str]:
         require_number(report, "judge_renders", cfg.judge_renders, is_index, "an integer >= 0")
     if cfg.get("clip_skip") is not None:
         require_number(report, "clip_skip", cfg.clip_skip, is_count, "null or an integer >= 1")
+    if cfg.get("max_token_length") not in (None, 75, 150, 225):
+        problems.append(f"max_token_length: got {cfg.max_token_length!r}; use null, 75, 150 or 225")
     require_flag(report, "overwrite", cfg.overwrite)
     return problems
 

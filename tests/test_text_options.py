@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from sdtune.conditioning import build_conditioning
 from sdtune.config import ConfigError, validate
 from sdtune.data.cache import prepare_cache
-from sdtune.sample import source_configs
+from sdtune.sample import check, source_configs
 
 from .conftest import compose_config
 from .test_cache import CAPTIONS, datamodule, write_folder
@@ -73,6 +73,15 @@ def test_sampling_takes_the_runs_clip_skip_or_the_override(tmp_path) -> None:
     assert source_configs(base)[1].text.get("clip_skip", 1) == 1
     skip = compose_config("sample", ["source=tiny", "prompt=a", f"out={tmp_path}/a.png", "clip_skip=2"])
     assert source_configs(skip)[1].text.clip_skip == 2
+    longer = compose_config(
+        "sample", ["source=tiny", "prompt=a", f"out={tmp_path}/a.png", "max_token_length=150"]
+    )
+    assert source_configs(longer)[1].text.max_token_length == 150
+    bad = compose_config(
+        "sample", ["source=tiny", "prompt=a", f"out={tmp_path}/a.png", "max_token_length=80"]
+    )
+    with pytest.raises(ConfigError, match=r"max_token_length: got 80; use null, 75, 150 or 225"):
+        check(bad)
 
 
 def test_train_config_checks_clip_skip(train_cfg) -> None:
