@@ -75,6 +75,7 @@ def restore(run_dir: Path, checkpoint: Path, cache_dir: Path) -> tuple[Any, Dict
 def export(cfg: DictConfig) -> Path:
     """Write the run's weights in `cfg.format` to `cfg.out`."""
     from sdtune.formats.exporters import context_from_module
+    from sdtune.formats.training_metadata import training_metadata
 
     run_dir, checkpoint = check(cfg)
     module, run_cfg = restore(run_dir, checkpoint, Path(cfg.cache_dir))
@@ -86,6 +87,7 @@ def export(cfg: DictConfig) -> Path:
         resolution=run_cfg.data.resolution,
         num_train_images=manifest.get("num_train_images", 0),
         dtype=cfg.get("dtype"),
+        training=training_metadata(run_cfg, manifest.get("global_step")),
     )
     return EXPORTERS[cfg.format](ctx, Path(cfg.out))
 

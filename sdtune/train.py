@@ -139,13 +139,16 @@ def check_exports(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path) 
 
 def export_context(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path) -> Any:
     from sdtune.formats.exporters import context_from_module
+    from sdtune.formats.training_metadata import training_metadata
 
+    trainer = getattr(module, "_trainer", None)
     return context_from_module(
         module,
         name=run_dir.name,
         resolution=cfg.data.resolution,
         num_train_images=datamodule.num_samples,
         dtype=cfg.export.get("dtype"),
+        training=training_metadata(cfg, trainer.global_step if trainer is not None else None),
     )
 
 

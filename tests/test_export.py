@@ -99,6 +99,12 @@ def test_kohya_metadata(run) -> None:
     assert float(alpha) == 2.0
     assert metadata["ss_output_name"] == run.run_dir.name
     assert metadata["ss_clip_skip"] == "1"
+    # The run's training settings, as sd-scripts records them (A1111's and model sites' metadata panels).
+    assert float(metadata["ss_learning_rate"]) == 1e-2 and float(metadata["ss_text_encoder_lr"]) == 1e-2
+    assert metadata["ss_max_train_steps"] == "3" and metadata["ss_steps"] == "3"
+    assert metadata["ss_optimizer"] == "torch.optim.AdamW" and metadata["ss_lr_scheduler"] == "constant"
+    assert metadata["ss_caption_dropout_rate"] == "0.1" and metadata["ss_min_snr_gamma"] == "None"
+    assert metadata["ss_batch_size_per_device"] == "2" and metadata["ss_sd_model_name"] == "sdtune tiny"
     assert "lora_adapter_metadata" not in metadata
 
 
@@ -204,8 +210,13 @@ def test_export_cli_function_refuses_to_overwrite(run, tmp_path) -> None:
     written = export(
         compose_config("export", [f"source={run.run_dir}", "format=kohya", f"out={out}", "overwrite=true"])
     )
-    with safe_open(str(written), "pt") as f:
+    with (
+        safe_open(str(written), "pt") as f,
+        safe_open(str(run.run_dir / "lora/kohya.safetensors"), "pt") as g,
+    ):
         assert f.metadata()["ss_network_dim"] == "4"
+        trained = {k: v for k, v in g.metadata().items() if k.startswith("ss_") and "hash" not in k}
+        assert {k: f.metadata().get(k) for k in trained} == trained  # re-exported: the same training record
 
 
 def test_export_cli_from_a_checkpoint_matches_the_run_export(run, tmp_path) -> None:

@@ -41,6 +41,7 @@ class ExportContext:
     text_encoder_2: Any = None  # SDXL
     tokenizer_2: Any = None
     dtype: torch.dtype | None = None  # the weights' type in the files (export.dtype); None = as trained
+    training: dict[str, str] = field(default_factory=dict)  # kohya's ss_* training entries of the run
 
     @property
     def text_encoders(self) -> dict[str, Any]:
@@ -66,7 +67,13 @@ LORA_FORMATS = ("diffusers", "kohya", "peft")
 
 
 def context_from_module(
-    module: Any, *, name: str, resolution: int, num_train_images: int, dtype: str | None = None
+    module: Any,
+    *,
+    name: str,
+    resolution: int,
+    num_train_images: int,
+    dtype: str | None = None,
+    training: dict[str, str] | None = None,
 ) -> ExportContext:
     """The export context of a trained `DiffusionModule`; `dtype` names the files' weight type (None = as
     trained)."""
@@ -90,6 +97,7 @@ def context_from_module(
         text_encoder_2=stack.text_encoder_2,
         tokenizer_2=stack.tokenizer_2,
         dtype=DTYPES[dtype] if dtype is not None else None,
+        training=dict(training or {}),
     )
 
 
@@ -183,6 +191,7 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
         prediction_type=ctx.prediction_type,
         title=ctx.name,
         extra={
+            **ctx.training,
             "ss_training_alpha": str(scale_alpha),
             "ss_clip_skip": str(_text_setting(ctx, "clip_skip")),
             "ss_max_token_length": str(_text_setting(ctx, "chunks", 75)),
@@ -222,7 +231,7 @@ def _export_lycoris(ctx: ExportContext, out: Path) -> Path:
         num_train_images=ctx.num_train_images,
         prediction_type=ctx.prediction_type,
         title=ctx.name,
-        extra={"ss_network_module": "lycoris.kohya"},
+        extra={**ctx.training, "ss_network_module": "lycoris.kohya"},
     )
     save_kohya(out, cast_floats(state, ctx.dtype), metadata)
     return out
