@@ -11,7 +11,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdtune.config import ConfigError, check_export_dtype, require_flag, require_given
+from sdtune.config import ConfigError, check_export_dtype, require_given
+from sdtune.config_types import require_flag
 from sdtune.formats.exporters import EXPORTERS, ExportError
 from sdtune.run import MANIFEST
 

@@ -15,7 +15,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sdtune.config import ConfigError, is_count, is_index, require_flag, require_given, require_number
+from sdtune.config import ConfigError, require_given
+from sdtune.config_types import is_count, is_index, require_flag, require_number
 from sdtune.io import atomic_path
 from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
