@@ -45,32 +45,30 @@ def _sd_vae(sample_size: int, channels: list[int]) -> dict[str, Any]:
     }
 
 
+def _clip_text(width: int, layers: int, heads: int, **extra: Any) -> dict[str, Any]:
+    """A CLIP text-encoder config of CLIP's proportions (MLP 4× the width, projection = width)."""
+    return {
+        "hidden_size": width,
+        "intermediate_size": 4 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "projection_dim": width,
+        **extra,
+    }
+
+
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     # An SD-architecture model with a 35 M-parameter U-Net for 128 px (SD1.5's layout at 1/5 width).
     "mid": {
         "unet": _sd_unet(16, [64, 128, 256, 256], 256),
         "vae": _sd_vae(128, [32, 64, 128, 128]),
-        "text": {
-            "hidden_size": 256,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "projection_dim": 256,
-        },
+        "text": _clip_text(256, layers=4, heads=4),
     },
     # Stable Diffusion 1.5 exactly (860 M U-Net, 84 M VAE, CLIP ViT-L/14 text encoder), random weights.
     "sd15": {
         "unet": _sd_unet(64, [320, 640, 1280, 1280], 768),
         "vae": _sd_vae(512, [128, 256, 512, 512]),
-        "text": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "projection_dim": 768,
-            "hidden_act": "quick_gelu",
-            "vocab_size": 49408,
-        },
+        "text": _clip_text(768, layers=12, heads=12, hidden_act="quick_gelu", vocab_size=49408),
     },
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -161,6 +162,36 @@ def per_sample_pseudo_huber(pred: Tensor, target: Tensor, c: Tensor, kind: str =
     pseudo = torch.sqrt((pred.float() - target.float()) ** 2 + c**2) - c
     scale = 2 * c if kind == "huber" else 2.0
     return (scale * pseudo).flatten(1).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The per-step loss options of a run (`loss.*`), read from the config once rather than every step."""
+
+    noise_offset: float = 0.0
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+    input_perturbation: float = 0.0
+    kind: str = "mse"  # mse | huber | smooth_l1
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    snr_gamma: float | None = None
+    debiased: bool = False
+
+    @classmethod
+    def from_config(cls, loss: Any) -> Objective:
+        """From a `loss` config section (keys it lacks keep their defaults)."""
+        return cls(
+            noise_offset=loss.get("noise_offset", 0.0),
+            multires_iterations=loss.get("multires_noise_iterations", 0),
+            multires_discount=loss.get("multires_noise_discount", 0.3),
+            input_perturbation=loss.get("input_perturbation", 0.0),
+            kind=loss.get("type", "mse"),
+            huber_c=loss.get("huber_c", 0.1),
+            huber_schedule=loss.get("huber_schedule", "snr"),
+            snr_gamma=loss.get("snr_gamma"),
+            debiased=loss.get("debiased_estimation", False),
+        )
 
 
 def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:

@@ -15,6 +15,7 @@ from sdtune.conditioning.text import with_micro_conditioning
 from sdtune.config import ConfigError
 from sdtune.losses import (
     NonFiniteGuard,
+    Objective,
     debiased_weights,
     huber_c,
     min_snr_weights,
@@ -44,7 +45,7 @@ class DiffusionModule(pl.LightningModule):
         self.unet = stack.unet
         self.conditioning = conditioning
         self.method = method
-        self.loss_cfg = loss
+        self.objective = Objective.from_config(loss)
         self.prediction_type = loss.prediction_type or stack.noise_scheduler.config.prediction_type
         # Checkpoints hold only what trains; the frozen base comes from model.pretrained.
         self.strict_loading = False
@@ -117,31 +118,28 @@ class DiffusionModule(pl.LightningModule):
         """Denoising loss (MSE or pseudo-Huber) of each sample at a random timestep, min-SNR and/or debiased-
         estimation weighted if configured."""
         scheduler = self.stack.noise_scheduler
-        loss = self.loss_cfg
+        objective = self.objective
         noise = sample_noise(
             latents,
-            loss.noise_offset,
-            multires_iterations=loss.get("multires_noise_iterations", 0),
-            multires_discount=loss.get("multires_noise_discount", 0.3),
+            objective.noise_offset,
+            multires_iterations=objective.multires_iterations,
+            multires_discount=objective.multires_discount,
         )
         timesteps = sample_timesteps(
             latents.shape[0], scheduler.config.num_train_timesteps, self.timestep_weights, latents.device
         )
-        gamma = loss.get("input_perturbation", 0.0)
+        gamma = objective.input_perturbation
         noisy = scheduler.add_noise(latents, perturbed(noise, gamma) if gamma else noise, timesteps)
         pred = self.unet(conditions.unet_input(noisy), timesteps, **conditions.unet_kwargs()).sample
         target = prediction_target(scheduler, latents, noise, timesteps, self.prediction_type)
-        kind = self.loss_cfg.get("type", "mse")
-        if kind == "mse":
+        if objective.kind == "mse":
             losses = per_sample_mse(pred, target)
         else:
-            c = huber_c(scheduler, timesteps, self.loss_cfg.huber_c, self.loss_cfg.huber_schedule)
-            losses = per_sample_pseudo_huber(pred, target, c, kind)
-        if self.loss_cfg.snr_gamma is not None:
-            losses = losses * min_snr_weights(
-                scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type
-            )
-        if self.loss_cfg.get("debiased_estimation", False):
+            c = huber_c(scheduler, timesteps, objective.huber_c, objective.huber_schedule)
+            losses = per_sample_pseudo_huber(pred, target, c, objective.kind)
+        if objective.snr_gamma is not None:
+            losses = losses * min_snr_weights(scheduler, timesteps, objective.snr_gamma, self.prediction_type)
+        if objective.debiased:
             losses = losses * debiased_weights(scheduler, timesteps, self.prediction_type)
         return losses
 
@@ -307,7 +305,8 @@ def loraplus_groups(model: nn.Module, lr: float, ratio: float | None) -> list[di
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if ratio is None:
         return [{"params": [p for _, p in named], "lr": lr}] if named else []
-    faster = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]
-    rest = [p for n, p in named if not ("lora_B" in n or "lora_embedding_B" in n)]
+    is_b = ["lora_B" in n or "lora_embedding_B" in n for n, _ in named]
+    rest = [p for (_, p), b in zip(named, is_b) if not b]
+    faster = [p for (_, p), b in zip(named, is_b) if b]
     groups = [{"params": rest, "lr": lr}, {"params": faster, "lr": lr * ratio}]
     return [group for group in groups if group["params"]]

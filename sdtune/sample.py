@@ -15,6 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sdtune.conditioning.text import MAX_TOKEN_LENGTHS
 from sdtune.config import ConfigError, require_given
 from sdtune.config_types import is_count, is_index, require_flag, require_number
 from sdtune.io import atomic_path
@@ -28,6 +29,9 @@ CONDITION_INPUTS = ("map", "image", "representation")  # sample.yaml keys naming
 LOADABLE_EXPORTS = {"diffusers", "kohya", "pipeline", "merged", "embedding"}
 
 
+TEXT_OPTIONS = ("clip_skip", "max_token_length")  # sample.yaml keys that override the source's text reading
+
+
 def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
     """(model config, conditioning config, LoRA file, embedding file, resolution) for `cfg.source`; the
     resolution of a base model (None) is its own, known once it is loaded (`native_resolution`).
@@ -39,9 +43,6 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
         if cfg.get(key) is not None and "text" in conditioning:
             conditioning = OmegaConf.merge(conditioning, {"text": {key: cfg[key]}})
     return model, conditioning, lora, embedding, resolution
-
-
-TEXT_OPTIONS = ("clip_skip", "max_token_length")
 
 
 def _source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
@@ -129,7 +130,7 @@ def request_problems(cfg: DictConfig) -> list[str]:
         require_number(report, "judge_renders", cfg.judge_renders, is_index, "an integer >= 0")
     if cfg.get("clip_skip") is not None:
         require_number(report, "clip_skip", cfg.clip_skip, is_count, "null or an integer >= 1")
-    if cfg.get("max_token_length") not in (None, 75, 150, 225):
+    if cfg.get("max_token_length") not in (None, *MAX_TOKEN_LENGTHS):
         problems.append(f"max_token_length: got {cfg.max_token_length!r}; use null, 75, 150 or 225")
     require_flag(report, "overwrite", cfg.overwrite)
     return problems

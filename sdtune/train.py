@@ -137,18 +137,20 @@ def check_exports(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path) 
         raise ConfigError(problems)
 
 
-def export_context(cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path) -> Any:
+def export_context(
+    cfg: DictConfig, module: Any, datamodule: Any, run_dir: Path, steps: int | None = None
+) -> Any:
+    """What the exporters need; `steps` = the optimizer steps trained (None before training)."""
     from sdtune.formats.exporters import context_from_module
     from sdtune.formats.training_metadata import training_metadata
 
-    trainer = getattr(module, "_trainer", None)
     return context_from_module(
         module,
         name=run_dir.name,
         resolution=cfg.data.resolution,
         num_train_images=datamodule.num_samples,
         dtype=cfg.export.get("dtype"),
-        training=training_metadata(cfg, trainer.global_step if trainer is not None else None),
+        training=training_metadata(cfg, steps),
     )
 
 
@@ -179,7 +181,9 @@ def finish(
 
     with averaged_weights(trainer if cfg.export.ema else None, module) as ema_exported:
         exports = export_run(
-            export_context(cfg, module, datamodule, run_dir), run_dir, list(cfg.export.formats)
+            export_context(cfg, module, datamodule, run_dir, trainer.global_step),
+            run_dir,
+            list(cfg.export.formats),
         )
     write_manifest(
         run_dir,

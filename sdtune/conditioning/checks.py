@@ -13,6 +13,7 @@ DEFAULT_BATCH_KEYS = ("pixel_values", "caption")
 
 def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
     """Report every problem of the conditioning components with the rest of a composed `train.yaml`."""
+    from sdtune.conditioning.text import MAX_TOKEN_LENGTHS
     from sdtune.formats.exporters import LORA_FORMATS
 
     data_cls = _locate(cfg.data.get("_target_"))
@@ -31,7 +32,7 @@ def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
                 f"conditioning=… selects by default"
             )
         length = component.get("max_token_length", 75)
-        if length not in (75, 150, 225):
+        if length not in MAX_TOKEN_LENGTHS:
             report(f"conditioning.{name}.max_token_length: got {length!r}; use 75, 150 or 225")
         modes = getattr(cls, "resize_modes", None)
         if modes and component.get("resize", modes[0]) not in modes:

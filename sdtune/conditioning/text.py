@@ -59,7 +59,7 @@ class TextConditioner(nn.Module):
             raise ConfigError(
                 [f"conditioning.text.max_token_length: got {max_token_length!r}; use 75, 150 or 225"]
             )
-        self.chunks = max_token_length // 75
+        self.max_token_length = max_token_length
         if not 1 <= clip_skip <= layers:
             raise ConfigError(
                 [
@@ -98,6 +98,11 @@ class TextConditioner(nn.Module):
     def encoders(self) -> list[Any]:
         """The text encoders this component runs: one, or SDXL's two."""
         return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    @property
+    def chunks(self) -> int:
+        """How many runs of 75 tokens a caption is read in."""
+        return self.max_token_length // 75
 
     def token_ids(self, captions: list[str]) -> Tensor:
         """Each tokenizer's ids of `captions`, side by side (what the text cache is keyed by)."""

@@ -194,7 +194,7 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
             **ctx.training,
             "ss_training_alpha": str(scale_alpha),
             "ss_clip_skip": str(_text_setting(ctx, "clip_skip")),
-            "ss_max_token_length": str(_text_setting(ctx, "chunks", 75)),
+            "ss_max_token_length": str(_text_setting(ctx, "max_token_length")),
         },
     )
     out = Path(out)
@@ -202,11 +202,10 @@ def export_kohya(ctx: ExportContext, out: Path) -> Path:
     return out
 
 
-def _text_setting(ctx: ExportContext, name: str, scale: int = 1) -> int | None:
-    """A setting of the run's text conditioning (× `scale`) for kohya's metadata; None without text."""
+def _text_setting(ctx: ExportContext, name: str) -> int | None:
+    """A setting of the run's text conditioning, for kohya's metadata; None without text."""
     components = ctx.conditioning.components if ctx.conditioning is not None else {}
-    value = getattr(components["text"], name, None) if "text" in components else None
-    return None if value is None else value * scale
+    return getattr(components["text"], name, None) if "text" in components else None
 
 
 def _export_lycoris(ctx: ExportContext, out: Path) -> Path:
