@@ -90,6 +90,8 @@ def test_train_config_checks_clip_skip(train_cfg) -> None:
         validate(train_cfg("conditioning.text.clip_skip=0"))
     with pytest.raises(ConfigError, match=r"clip_skip: SDXL always reads its encoders' penultimate"):
         validate(train_cfg("model=tiny_xl", "conditioning.text.clip_skip=2"))
+    with pytest.raises(ConfigError, match=r"max_token_length: SDXL reads 75 tokens so far"):
+        validate(train_cfg("model=tiny_xl", "conditioning.text.max_token_length=150"))
 
 
 WORDS = ["red", "blue", "green", "circle", "square", "star", "gray", "white"]
