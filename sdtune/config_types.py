@@ -33,6 +33,11 @@ def is_index(value: Any) -> bool:
     return isinstance(value, int) and value >= 0
 
 
+def is_fraction(value: Any) -> bool:
+    """A number in [0, 1] (`require_number` has refused non-numbers first)."""
+    return 0 <= value <= 1
+
+
 def _integer(value: Any) -> bool:
     return isinstance(value, int)
 
@@ -68,6 +73,9 @@ NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method.eps": (lambda v: v > 0, "a positive number"),
     "loss.multires_noise_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "data.caption_tag_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    **dict.fromkeys(
+        ["sampling.guidance_rescale", "evaluation.guidance_rescale"], (is_fraction, "a number in [0, 1]")
+    ),
 }
 NULLABLE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),

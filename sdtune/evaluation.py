@@ -152,6 +152,7 @@ def generate_set(
                 width=resolution,
                 noise_seeds=[seed for _, seed in chunk],
                 condition_guidance=settings.get("condition_guidance"),
+                guidance_rescale=settings.get("guidance_rescale", 0.0),
             )
         results += [(p, seed, image) for (p, seed), image in zip(chunk, to_pil(images))]
     return results
@@ -214,7 +215,9 @@ def evaluate(
     report = {
         "schema": SCHEMA_VERSION,
         "settings": {
-            k: settings[k] for k in ("scheduler", "steps", "guidance", "seed", "per_prompt") if k in settings
+            k: settings[k]
+            for k in ("scheduler", "steps", "guidance", "guidance_rescale", "seed", "per_prompt")
+            if k in settings
         }
         | _condition_guidance(settings),
         "resolution": resolution,

@@ -266,6 +266,7 @@ class DiffusionModule(pl.LightningModule):
                 height=resolution,
                 width=resolution,
                 condition_guidance=sampling.condition_guidance,
+                guidance_rescale=sampling.get("guidance_rescale", 0.0),
             )
         finally:
             self.train(was_training)

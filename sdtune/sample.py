@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdtune.conditioning.text import MAX_TOKEN_LENGTHS
 from sdtune.config import ConfigError, require_given
-from sdtune.config_types import is_count, is_index, require_flag, require_number
+from sdtune.config_types import is_count, is_fraction, is_index, require_flag, require_number
 from sdtune.io import atomic_path
 from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
@@ -124,6 +124,9 @@ def request_problems(cfg: DictConfig) -> list[str]:
             require_number(report, key, cfg[key], is_count, "an integer >= 1")
     require_number(report, "seed", cfg.seed, lambda v: isinstance(v, int), "an integer")
     require_number(report, "guidance", cfg.guidance, lambda v: v >= 0, "a number >= 0 (1 = no guidance)")
+    require_number(
+        report, "guidance_rescale", cfg.guidance_rescale, is_fraction, "a number in [0, 1], e.g. 0.7"
+    )
     if cfg.resolution is not None:
         require_number(report, "resolution", cfg.resolution, _pixels, "null or a positive multiple of 8")
     if "judge_renders" in cfg:
@@ -280,6 +283,7 @@ def sample(cfg: DictConfig) -> list[Path]:
             height=resolution,
             width=resolution,
             condition_guidance=cfg.condition_guidance,
+            guidance_rescale=cfg.guidance_rescale,
         )
         images += to_pil(tensor)
     paths = output_paths(Path(cfg.out), len(images))

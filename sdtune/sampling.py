@@ -57,6 +57,7 @@ def generate(
     height: int,
     width: int,
     condition_guidance: dict[str, float] | None = None,
+    guidance_rescale: float = 0.0,
     noise_seeds: list[int] | None = None,
 ) -> Tensor:
     """Sample one image per entry of `batch` (conditions as in training); returns (B, 3, H, W) in [0, 1].
@@ -64,7 +65,8 @@ def generate(
     Image i starts from noise seeded with `seed + i` (or `noise_seeds[i]`), so a grid is reproducible whatever
     the batch size. Guidance is classifier-free over all conditions at once (`guidance`; the unconditional
     prediction drops every component), or, with `condition_guidance`, separate per condition: see
-    `guidance_plan`.
+    `guidance_plan`. `guidance_rescale` mixes in the guided prediction rescaled to the conditional one's
+    spread (`rescale_guidance`).
     """
     size = len(next(iter(batch.values())))
     device, dtype = unet.device, unet.dtype
@@ -81,7 +83,9 @@ def generate(
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = torch.Generator(device=device).manual_seed(seed)
     for t in scheduler.timesteps:
-        pred = _predict(unet, scheduler.scale_model_input(latents, t), t, conditions, scales)
+        pred = _predict(
+            unet, scheduler.scale_model_input(latents, t), t, conditions, scales, guidance_rescale
+        )
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
@@ -124,7 +128,21 @@ def combine_guidance(predictions: list[Tensor], scales: list[float]) -> Tensor:
     return result
 
 
-def _predict(unet: Any, latents: Tensor, t: Tensor, conditions: list[Any], scales: list[float]) -> Tensor:
+def rescale_guidance(guided: Tensor, conditional: Tensor, phi: float) -> Tensor:
+    """Guidance rescale (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.4;
+    diffusers' `guidance_rescale`): the guided prediction scaled, image by image, to the standard deviation of
+    the fully conditional one, mixed in by `phi` (0 = plain guidance, 0.7 the paper's choice). Strong guidance
+    inflates the prediction's spread, which over-exposes images, most of all with zero-terminal-SNR models."""
+    if not phi:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+def _predict(
+    unet: Any, latents: Tensor, t: Tensor, conditions: list[Any], scales: list[float], rescale: float = 0.0
+) -> Tensor:
     inputs = torch.cat([c.unet_input(latents) for c in conditions])
     context = None
     if conditions[0].crossattn is not None:
@@ -134,7 +152,8 @@ def _predict(unet: Any, latents: Tensor, t: Tensor, conditions: list[Any], scale
         added = conditions[0].added
         kwargs["added_cond_kwargs"] = {k: torch.cat([c.added[k] for c in conditions]) for k in added}
     predictions = unet(inputs, t, encoder_hidden_states=context, **kwargs).sample.chunk(len(conditions))
-    return combine_guidance(list(predictions), scales)
+    guided = combine_guidance(list(predictions), scales)
+    return rescale_guidance(guided, predictions[-1], rescale) if scales else guided
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

@@ -114,6 +114,8 @@ WRONG_TYPES = [
     ("trainer.devices", "x", "auto, an integer >= 1 or a list"),
     ("callbacks.checkpoint.every_n_train_steps", "x", "an integer >= 0 or null"),
     ("sampling.guidance", "x", "a number >= 0"),
+    ("sampling.guidance_rescale", "1.5", "a number in [0, 1]"),
+    ("evaluation.guidance_rescale", "x", "a number in [0, 1]"),
     ("sampling.every_n_steps", "x", "an integer >= 0"),
     ("evaluation.per_prompt", "0", "an integer >= 1"),
     ("data.cache_latents", "yes", "true or false"),

@@ -202,6 +202,20 @@ def test_evaluate_applies_and_records_a_condition_guidance(tmp_path: Path, cache
     assert not np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "evaluation.png")))
 
 
+def test_evaluate_applies_and_records_a_guidance_rescale(tmp_path: Path, cache_dir: Path) -> None:
+    from sdtune.evaluate import run
+
+    common = ["source=tiny", "shapes=[square]", "colours=[green]", "backgrounds=[white]", "steps=3"]
+    common += ["judge_renders=0", "guidance=7"]
+    plain = json.loads(run(evaluate_cfg(*common, f"out={tmp_path / 'a'}")).read_text())
+    rescaled = json.loads(
+        run(evaluate_cfg(*common, "guidance_rescale=0.7", f"out={tmp_path / 'b'}")).read_text()
+    )
+    assert plain["settings"]["guidance_rescale"] == 0.0 and rescaled["settings"]["guidance_rescale"] == 0.7
+    a = np.asarray(Image.open(tmp_path / "a" / "evaluation.png"))
+    assert not np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / "evaluation.png")))
+
+
 def test_map_iou_of_a_render_with_its_own_map_is_high_and_of_a_moved_map_low() -> None:
     from sdtune.evaluation import foreground_iou
 

@@ -71,6 +71,7 @@ def test_bad_inputs_are_refused_before_loading(tmp_path: Path) -> None:
 
 def test_numbers_of_the_wrong_type_are_named_not_a_traceback(tmp_path: Path) -> None:
     bad = ["guidance=abc", "steps=2.5", "num_images=0", "seed=x", "resolution=30", "overwrite=maybe"]
+    bad += ["guidance_rescale=-0.1"]
     with pytest.raises(ConfigError) as info:
         sample(sample_cfg("source=tiny", "prompt=x", f"out={tmp_path / 'x.png'}", *bad))
     message = str(info.value)
@@ -80,6 +81,7 @@ def test_numbers_of_the_wrong_type_are_named_not_a_traceback(tmp_path: Path) -> 
     assert "seed: must be an integer, got 'x'" in message
     assert "resolution: must be null or a positive multiple of 8, got 30" in message
     assert "overwrite: must be true or false, got 'maybe'" in message
+    assert "guidance_rescale: must be a number in [0, 1], e.g. 0.7, got -0.1" in message
 
 
 def test_a_source_that_is_no_run_and_no_pipeline_is_named(tmp_path: Path) -> None:
@@ -108,3 +110,59 @@ def test_a_run_without_a_loadable_export_is_refused_not_sampled_as_the_base(tmp_
 def test_a_missing_required_key_is_named_not_a_traceback() -> None:
     with pytest.raises(ConfigError, match=r"out: required; set it on the command line \(out=\.\.\.\)"):
         sample(sample_cfg("source=tiny", "prompt=a red circle"))
+
+
+def test_guidance_rescale_matches_the_diffusers_pipeline(tiny_dir: Path) -> None:
+    """The same noise, prompt and DDIM steps through diffusers' pipeline (its `guidance_rescale`) and through
+    sdtune's loop give the same image, and the rescale changes it."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.sample import load_source
+    from sdtune.sampling import generate, make_scheduler
+
+    prompt = "a red circle on a gray background"
+    stack, conditioning, _ = load_source(sample_cfg("source=tiny", f"prompt={prompt}", "out=unused.png"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None)
+    noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(3))
+    ours = {}
+    for phi in (0.0, 0.7):
+        ours[phi] = generate(
+            stack.unet,
+            stack.vae,
+            conditioning,
+            {"caption": [prompt], "negative_caption": [""]},
+            scheduler=make_scheduler("ddim", stack.scheduler_config),
+            steps=5,
+            guidance=6.0,
+            seed=3,
+            height=64,
+            width=64,
+            guidance_rescale=phi,
+        )
+        pipe.scheduler = make_scheduler("ddim", stack.scheduler_config)
+        reference = pipe(
+            prompt,
+            negative_prompt="",
+            latents=noise[None],
+            num_inference_steps=5,
+            guidance_scale=6.0,
+            guidance_rescale=phi,
+            output_type="pt",
+        ).images
+        torch.testing.assert_close(ours[phi], reference, atol=1e-5, rtol=0)
+    assert (ours[0.7] - ours[0.0]).abs().max() > 0.01
+
+
+def test_guidance_rescale_gives_the_conditional_spread_and_is_off_at_zero() -> None:
+    import torch
+
+    from sdtune.sampling import rescale_guidance
+
+    gen = torch.Generator().manual_seed(0)
+    conditional = torch.randn(3, 4, 8, 8, generator=gen)
+    guided = 5 * torch.randn(3, 4, 8, 8, generator=gen)
+    assert torch.equal(rescale_guidance(guided, conditional, 0.0), guided)
+    full = rescale_guidance(guided, conditional, 1.0)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), conditional.std(dim=(1, 2, 3)))
+    torch.testing.assert_close(rescale_guidance(guided, conditional, 0.5), (full + guided) / 2)
