@@ -9,9 +9,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdtune.config_types import Report, check_types, is_count, is_index, require_number
+from sdtune.optimizers import optimizer_problems
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -220,8 +220,8 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 "of the embedding matrix)"
             )
         require_number(report, "method.num_vectors", method.num_vectors, is_count, "an integer >= 1")
-    if method.optimizer not in OPTIMIZERS:
-        report(f"method.optimizer: {method.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    for problem in optimizer_problems(method):
+        report(problem)
     require_number(report, "method.lr", method.lr, lambda v: v > 0, "a positive number")
     if method.get("text_encoder_lr") is not None:
         require_number(

@@ -29,6 +29,7 @@ from sdtune.losses import (
     timestep_weights,
 )
 from sdtune.models.loading import Stack, vae_scale_factor
+from sdtune.optimizers import build_optimizer
 from sdtune.precision import MasterWeights, over_masters
 from sdtune.sampling import generate, make_scheduler
 
@@ -178,14 +179,7 @@ class DiffusionModule(pl.LightningModule):
         if self.master_weights:
             self.masters = MasterWeights(self.trainable_parameters(), self._resumed_masters)
             groups = over_masters(groups, self.masters)
-        optimizer = _optimizer_class(method.optimizer)(
-            groups,
-            lr=method.lr,
-            betas=tuple(method.betas),
-            eps=method.eps,
-            weight_decay=method.weight_decay,
-            **extra,
-        )
+        optimizer = build_optimizer(method, groups, **extra)
         schedule = get_scheduler(
             method.lr_scheduler,
             optimizer,
@@ -281,14 +275,6 @@ def _timestep_weights(loss: DictConfig, num_train_timesteps: int) -> Tensor | No
         return timestep_weights(num_train_timesteps, bias.strategy, bias.multiplier, bias.portion, span)
     except ValueError as error:  # only the scheduler's length is checked here; the rest by validation
         raise ConfigError([str(error)]) from None
-
-
-def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit
-    return torch.optim.AdamW
 
 
 def _fusable(name: str, params: list[Tensor]) -> bool:

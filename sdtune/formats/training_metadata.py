@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
+from sdtune.optimizers import kohya_optimizer_name
 
 # ss_* key -> the run config key it comes from (absent keys are written as "None", as sd-scripts does).
 CONFIG_KEYS = {
@@ -41,7 +41,7 @@ def training_metadata(cfg: DictConfig, steps: int | None = None) -> dict[str, st
     method = cfg.method
     trains_text = bool(method.get("train_text_encoder", False))
     entries["ss_text_encoder_lr"] = str(method.get("text_encoder_lr") if trains_text else None)
-    entries["ss_optimizer"] = OPTIMIZER_NAMES.get(method.get("optimizer"), str(method.get("optimizer")))
+    entries["ss_optimizer"] = kohya_optimizer_name(method)
     base = OmegaConf.select(cfg, "model.pretrained", default=None)
     entries["ss_sd_model_name"] = str(base or "sdtune tiny")
     if steps is not None:
