@@ -1,6 +1,7 @@
 """`method.optimizer`: the optimizers kohya's sd-scripts offers as `--optimizer_type`, by sdtune name.
 
-Every one takes `method.lr` and `method.weight_decay`; the AdamW family also `method.betas` and `method.eps`.
+Every one takes `method.lr` and `method.weight_decay`; the AdamW family (and Prodigy) also `method.betas`
+and `method.eps`.
 The others keep their authors' defaults (Lion's betas are (0.9, 0.99), not Adam's), and
 `method.optimizer_args` (sd-scripts' `--optimizer_args`) sets any constructor argument, overriding the rest.
 """
@@ -21,13 +22,15 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lion": ("bitsandbytes.optim.Lion", {}),
     "lion8bit": ("bitsandbytes.optim.Lion8bit", {}),
     "sgd_nesterov": ("torch.optim.SGD", {"momentum": 0.9, "nesterov": True}),
+    # adapts its own step size: method.lr is a multiplier on it (1.0 as sd-scripts' users run it)
+    "prodigy": ("prodigyopt.Prodigy", {}),
     # a fixed learning rate, as sd-scripts runs it when given one (no relative step, no parameter scaling)
     "adafactor": (
         "transformers.optimization.Adafactor",
         {"relative_step": False, "scale_parameter": False, "warmup_init": False},
     ),
 }
-ADAM_FAMILY = ("adamw", "adamw8bit", "paged_adamw8bit")
+ADAM_FAMILY = ("adamw", "adamw8bit", "paged_adamw8bit", "prodigy")
 
 
 def optimizer_class(name: str) -> type:
