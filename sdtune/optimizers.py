@@ -1,8 +1,7 @@
 """`method.optimizer`: the optimizers kohya's sd-scripts offers as `--optimizer_type`, by sdtune name.
 
-Every one takes `method.lr` and `method.weight_decay`; the AdamW family (and Prodigy) also `method.betas`
-and `method.eps`.
-The others keep their authors' defaults (Lion's betas are (0.9, 0.99), not Adam's), and
+Every one takes `method.lr` and `method.weight_decay`; the AdamW family and Prodigy also `method.betas` and
+`method.eps`, while the others keep their authors' defaults (Lion's betas are (0.9, 0.99), not Adam's).
 `method.optimizer_args` (sd-scripts' `--optimizer_args`) sets any constructor argument, overriding the rest.
 """
 
@@ -12,6 +11,7 @@ import importlib
 import inspect
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 # name -> (import path of the class, the fixed arguments sd-scripts gives it)
@@ -50,7 +50,8 @@ def optimizer_kwargs(method: Any) -> dict[str, Any]:
 
 
 def build_optimizer(method: Any, groups: list[dict[str, Any]], **extra: Any) -> Any:
-    return optimizer_class(method.optimizer)(groups, **optimizer_kwargs(method), **extra)
+    """`extra` (sdtune's own choices, e.g. fused) gives way to what the user set in `optimizer_args`."""
+    return optimizer_class(method.optimizer)(groups, **(extra | optimizer_kwargs(method)))
 
 
 def optimizer_problems(method: Any) -> list[str]:
@@ -72,6 +73,12 @@ def optimizer_problems(method: Any) -> list[str]:
         return [
             f"method.optimizer_args: {OPTIMIZERS[name][0]} takes no {unknown}; it takes {sorted(accepted)}"
         ]
+    if isinstance(method.get("lr"), bool) or not isinstance(method.get("lr"), int | float):
+        return []  # method.lr is reported on its own
+    try:  # the values too (betas out of range, a string for a number): on one weight, before any model loads
+        build_optimizer(method, [{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+    except (TypeError, ValueError) as error:
+        return [f"method.optimizer_args: {OPTIMIZERS[name][0]} refuses {_args(method)}: {error}"]
     return []
 
 

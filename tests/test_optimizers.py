@@ -7,7 +7,13 @@ import torch
 from omegaconf import OmegaConf
 
 from sdtune.config import ConfigError, validate
-from sdtune.optimizers import OPTIMIZERS, kohya_optimizer_name, optimizer_class, optimizer_kwargs
+from sdtune.optimizers import (
+    OPTIMIZERS,
+    build_optimizer,
+    kohya_optimizer_name,
+    optimizer_class,
+    optimizer_kwargs,
+)
 from sdtune.train import train
 
 COMMON = ["+experiment=lora", "data.num_images=4", "data.batch_size=2", "sampling.prompts=[]", "logger=none"]
@@ -45,6 +51,16 @@ def test_adam_settings_go_only_to_the_adam_family() -> None:
     assert kohya_optimizer_name(method) == "bitsandbytes.optim.Lion(weight_decay=0.1)"
 
 
+def test_optimizer_args_win_over_sdtunes_own_extras() -> None:
+    method = OmegaConf.create(
+        {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
+    )
+    weight = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    assert build_optimizer(method, weight, foreach=True).defaults["foreach"] is True
+    method.optimizer_args = {"foreach": False}  # the user's choice, not a duplicate-argument TypeError
+    assert build_optimizer(method, weight, foreach=True).defaults["foreach"] is False
+
+
 def test_bad_optimizer_settings_are_named_before_training(train_cfg) -> None:
     with pytest.raises(ConfigError) as info:
         validate(train_cfg("+experiment=lora", "method.optimizer=dadaptation"))
@@ -56,5 +72,8 @@ def test_bad_optimizer_settings_are_named_before_training(train_cfg) -> None:
     message = str(info.value)
     assert "method.optimizer_args: transformers.optimization.Adafactor takes no ['beta']" in message
     assert "'beta1'" in message  # what it does take is listed
+    bad_values = ["method.optimizer=lion", "method.optimizer_args={betas: [0.9, 1.5]}"]
+    with pytest.raises(ConfigError, match=r"method.optimizer_args: bitsandbytes.optim.Lion refuses .*betas"):
+        validate(train_cfg("+experiment=lora", *bad_values))
     with pytest.raises(ConfigError, match="method.optimizer_args: must be a mapping"):
         validate(train_cfg("+experiment=lora", "method.optimizer_args=0.9"))
