@@ -74,7 +74,12 @@ NUMBERS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.multires_noise_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "data.caption_tag_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     **dict.fromkeys(
-        ["sampling.guidance_rescale", "evaluation.guidance_rescale"], (is_fraction, "a number in [0, 1]")
+        [
+            "sampling.guidance_rescale",
+            "evaluation.guidance_rescale",
+            "data.class_generation.guidance_rescale",
+        ],
+        (is_fraction, "a number in [0, 1]"),
     ),
 }
 NULLABLE: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -6,11 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sdtune.config import ConfigError
+from sdtune.data.class_images import default_class_dir, model_renderer
 from sdtune.data.dreambooth import DreamBoothDataModule
 from sdtune.data.records import DataError
 from sdtune.losses import prior_preservation_loss
@@ -159,8 +161,58 @@ def test_instance_dir_problems_are_reported_before_any_model_loads(train_cfg, tm
             train(train_cfg(*FAST, f"data.instance_dir={folder}", "data.class_prompt=null"))
         assert "data.instance_dir" in str(info.value) and reason in str(info.value)
     with pytest.raises(ConfigError) as info:
-        train(train_cfg(*FAST, "data.num_class_images=0", "data.instance_prompt=''"))
+        train(
+            train_cfg(
+                *FAST,
+                "data.num_class_images=0",
+                "data.instance_prompt=''",
+                "data.class_generation.guidance_rescale=1.5",
+            )
+        )
     assert "data.num_class_images" in str(info.value) and "data.instance_prompt" in str(info.value)
+    assert "data.class_generation.guidance_rescale: must be a number in [0, 1]" in str(info.value)
+
+
+def test_class_images_are_sampled_with_the_guidance_rescale(tiny_dir: Path) -> None:
+    """Class images come from the sampler with `class_generation.guidance_rescale`; a rescaled set lives in
+    its own cache folder, and leaving it at 0 keeps the folder of older runs."""
+    from omegaconf import OmegaConf
+
+    from sdtune.sample import load_source
+    from sdtune.sampling import generate, make_scheduler, to_pil
+
+    prompt = "a red circle on a gray background"
+    stack, conditioning, _ = load_source(compose_config("sample", ["source=tiny", "out=unused.png"]))
+    settings = {"scheduler": "ddim", "steps": 3, "guidance": 6.0, "negative_prompt": "", "seed": 5}
+    rendered = {}
+    for phi in (0.0, 0.7):
+        generation = OmegaConf.create({**settings, "guidance_rescale": phi})
+        rendered[phi] = np.stack(
+            [np.asarray(im) for im in model_renderer(stack, conditioning, prompt, generation, 64)([0, 1])]
+        )
+    direct = generate(
+        stack.unet,
+        stack.vae,
+        conditioning,
+        {"caption": [prompt] * 2, "negative_caption": [""] * 2},
+        scheduler=make_scheduler("ddim", stack.scheduler_config, seed=5),
+        steps=3,
+        guidance=6.0,
+        guidance_rescale=0.7,
+        seed=5,
+        height=64,
+        width=64,
+        noise_seeds=[5, 6],
+    )
+    assert np.array_equal(rendered[0.7], np.stack([np.asarray(im) for im in to_pil(direct)]))
+    assert np.abs(rendered[0.7].astype(int) - rendered[0.0]).max() > 2
+
+    def folder(**extra) -> Path:
+        return default_class_dir(
+            Path("/cache"), "tiny", "a star", 64, OmegaConf.create({**settings, **extra})
+        )
+
+    assert folder(guidance_rescale=0.0) == folder() != folder(guidance_rescale=0.7)
 
 
 # ---- end to end --------------------------------------------------------------------------------------------

@@ -129,6 +129,8 @@ def default_class_dir(
         "resolution": resolution,
         **{k: generation[k] for k in ("scheduler", "steps", "guidance", "negative_prompt", "seed")},
     }
+    if generation.get("guidance_rescale"):  # off keeps the folders made before the setting existed
+        params["guidance_rescale"] = generation.guidance_rescale
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / "class-images" / key
 
@@ -151,6 +153,7 @@ def model_renderer(stack: Any, conditioning: Any, prompt: str, generation: Any, 
             scheduler=make_scheduler(generation.scheduler, stack.scheduler_config, seed=seeds[0]),
             steps=generation.steps,
             guidance=generation.guidance,
+            guidance_rescale=generation.get("guidance_rescale", 0.0),
             seed=seeds[0],
             height=resolution,
             width=resolution,
