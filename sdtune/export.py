@@ -30,6 +30,7 @@ def check(cfg: DictConfig) -> tuple[Path, Path]:
     require_given(cfg)
     problems: list[str] = []
     require_flag(problems.append, "overwrite", cfg.overwrite)
+    require_flag(problems.append, "ema", cfg.get("ema", True))
     check_export_dtype("dtype", cfg.get("dtype"), problems.append)
     run_dir, checkpoint = locate(str(cfg.source))
     if not checkpoint.is_file():
@@ -47,8 +48,11 @@ def check(cfg: DictConfig) -> tuple[Path, Path]:
     return run_dir, checkpoint
 
 
-def restore(run_dir: Path, checkpoint: Path, cache_dir: Path) -> tuple[Any, DictConfig]:
-    """Rebuild the trained module of a run: its base model, its method, the checkpoint's trained weights."""
+def restore(
+    run_dir: Path, checkpoint: Path, cache_dir: Path, ema: bool = False
+) -> tuple[Any, DictConfig, bool]:
+    """Rebuild the trained module of a run: its base model, its method, the checkpoint's trained weights
+    (with `ema`, their average where the checkpoint keeps one). The flag says whether the average went in."""
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
     from sdtune.models.adapters import apply_method
@@ -60,7 +64,8 @@ def restore(run_dir: Path, checkpoint: Path, cache_dir: Path) -> tuple[Any, Dict
     stack = load_stack(cfg.model, cache_dir)
     apply_method(stack, cfg.method)
     module = DiffusionModule(stack, build_conditioning(cfg.conditioning, stack), cfg.method, cfg.loss)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = saved["state_dict"]
     missing = sorted(set(module.trainable_parameters()) - set(state))
     if missing:
         raise ConfigError(
@@ -70,7 +75,33 @@ def restore(run_dir: Path, checkpoint: Path, cache_dir: Path) -> tuple[Any, Dict
             ]
         )
     module.load_state_dict(state, strict=False)
-    return module.eval(), cfg
+    average = checkpoint_ema(saved) if ema else None
+    if average is not None:
+        load_average(module, average, checkpoint)
+    return module.eval(), cfg, average is not None
+
+
+def checkpoint_ema(saved: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The EMA callback's averaged weights in a Lightning checkpoint, by parameter name; None without one."""
+    for state in saved.get("callbacks", {}).values():
+        if isinstance(state, dict) and isinstance(state.get("shadow"), dict):
+            return state["shadow"]
+    return None
+
+
+def load_average(module: Any, average: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    params = dict(module.named_parameters())
+    unknown = sorted(set(average) - set(params))
+    if unknown:
+        raise ConfigError(
+            [
+                f"source: the EMA in {checkpoint} holds weights this run's model lacks, such as "
+                f"{unknown[0]!r}; pass ema=false to export the trained weights"
+            ]
+        )
+    with torch.no_grad():
+        for name, tensor in average.items():
+            params[name].copy_(tensor.to(params[name].dtype))
 
 
 def export(cfg: DictConfig) -> Path:
@@ -79,7 +110,11 @@ def export(cfg: DictConfig) -> Path:
     from sdtune.formats.training_metadata import training_metadata
 
     run_dir, checkpoint = check(cfg)
-    module, run_cfg = restore(run_dir, checkpoint, Path(cfg.cache_dir))
+    module, run_cfg, averaged = restore(run_dir, checkpoint, Path(cfg.cache_dir), ema=cfg.get("ema", True))
+    if averaged:
+        print(
+            f"exporting the EMA weights of {checkpoint.name} (ema=false: the trained ones)", file=sys.stderr
+        )
     manifest_path = run_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     ctx = context_from_module(

@@ -154,6 +154,30 @@ def test_sample_cli_loads_a_full_run(full_run, tmp_path: Path) -> None:
     assert sample(cfg) == [out] and out.is_file()
 
 
+def test_export_cli_writes_the_checkpoints_ema_unless_told_not_to(full_run, tmp_path: Path) -> None:
+    from sdtune.export import export
+
+    (full_run.run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(compose_config("train", FAST), full_run.run_dir / ".hydra" / "config.yaml")
+    checkpoint = torch.load(full_run.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    expected = {
+        True: checkpoint["callbacks"]["EMACallback"]["shadow"],
+        False: checkpoint["state_dict"],
+    }
+    for ema in (True, False):
+        out = tmp_path / f"ema_{ema}"
+        args = [f"source={full_run.run_dir}", "format=pipeline", f"out={out}", f"ema={str(ema).lower()}"]
+        export(compose_config("export", args))
+        unet = dict(StableDiffusionPipeline.from_pretrained(out).unet.named_parameters())
+        for name in ("unet.conv_in.weight", "unet.up_blocks.0.resnets.0.conv1.weight"):
+            assert torch.equal(unet[name.removeprefix("unet.")], expected[ema][name]), (ema, name)
+    assert not torch.equal(expected[True]["unet.conv_in.weight"], expected[False]["unet.conv_in.weight"])
+    with pytest.raises(ConfigError, match="ema: must be true or false"):
+        export(
+            compose_config("export", [f"source={full_run.run_dir}", "format=pipeline", "out=x", "ema=maybe"])
+        )
+
+
 def test_gradient_checkpointing_and_text_encoder_option(train_cfg, cache_dir) -> None:
     from sdtune.models import load_stack
     from sdtune.models.adapters import apply_method
