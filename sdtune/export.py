@@ -13,7 +13,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtune.config import ConfigError, check_export_dtype, require_given
 from sdtune.config_types import require_flag
-from sdtune.formats.exporters import EXPORTERS, ExportError
+from sdtune.formats.exporters import (
+    CONDITIONING_WEIGHTS,
+    EXPORTERS,
+    ExportError,
+    conditioning_weights,
+    save_conditioning,
+)
 from sdtune.run import MANIFEST
 
 
@@ -43,9 +49,21 @@ def check(cfg: DictConfig) -> tuple[Path, Path]:
         problems.append(f"format: unknown format {cfg.format!r}; valid: {', '.join(EXPORTERS)}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         problems.append(f"out: {cfg.out} already exists; pass overwrite=true to replace it, or another out")
+    beside = conditioning_path(Path(cfg.out))
+    if beside.parent != Path(cfg.out) and beside.exists() and not cfg.overwrite:
+        problems.append(
+            f"out: {beside} (where a trained conditioning goes) already exists; pass overwrite=true"
+        )
     if problems:
         raise ConfigError(problems)
     return run_dir, checkpoint
+
+
+def conditioning_path(out: Path) -> Path:
+    """Where the run's own conditioning weights go beside an export: inside a folder, next to a file."""
+    if out.suffix == ".safetensors":
+        return out.with_name(f"{out.stem}.{CONDITIONING_WEIGHTS}")
+    return out / CONDITIONING_WEIGHTS
 
 
 def restore(
@@ -125,7 +143,14 @@ def export(cfg: DictConfig) -> Path:
         dtype=cfg.get("dtype"),
         training=training_metadata(run_cfg, manifest.get("global_step")),
     )
-    return EXPORTERS[cfg.format](ctx, Path(cfg.out))
+    written = EXPORTERS[cfg.format](ctx, Path(cfg.out))
+    own = conditioning_weights(ctx) if ctx.conditioning is not None else {}
+    if (
+        own
+    ):  # e.g. a representation projection: no model format holds it, and the export is useless without it
+        beside = save_conditioning(own, conditioning_path(written))
+        print(f"the trained conditioning weights went to {beside}", file=sys.stderr)
+    return written
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

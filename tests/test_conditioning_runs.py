@@ -178,6 +178,29 @@ def test_representation_projection_trains_and_is_saved(representation_run, tmp_p
     assert np.asarray(Image.open(paths[0])).shape == (64, 64, 3)
 
 
+def test_sdtune_export_keeps_the_projection_beside_the_export(representation_run, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from sdtune.export import export
+
+    proj = representation_run.module.conditioning.components["representation"].proj
+    run = representation_run.run_dir
+    kohya = export(
+        compose_config("export", [f"source={run}", "format=kohya", f"out={tmp_path / 'r.safetensors'}"])
+    )
+    peft = export(compose_config("export", [f"source={run}", "format=peft", f"out={tmp_path / 'peft'}"]))
+    for beside in (tmp_path / "r.conditioning.safetensors", peft / "conditioning.safetensors"):
+        torch.testing.assert_close(
+            load_file(str(beside))["components.representation.proj.weight"], proj.weight
+        )
+    assert kohya.is_file()
+    args = [f"source={run}", "format=kohya", f"out={tmp_path / 'r2.safetensors'}"]
+    (tmp_path / "r2.conditioning.safetensors").write_text("mine")
+    with pytest.raises(ConfigError, match="r2.conditioning.safetensors.*already exists"):
+        export(compose_config("export", args))
+    assert (tmp_path / "r2.conditioning.safetensors").read_text() == "mine"
+
+
 def test_evaluate_scores_map_iou_of_a_map_conditioned_run(semantic_run, tmp_path: Path) -> None:
     from sdtune.evaluate import run
 
