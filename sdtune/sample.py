@@ -1,7 +1,7 @@
 """`python -m sdtune.sample source=<run dir | base model> prompt="…" out=…`: the training-time sampler.
 
 Runs with extra conditions take them as files: `map=…` (semantic map), `image=…` (source image to edit),
-`representation=…` (vector).
+`representation=…` (vector), `image_prompt=…` (an image embedded for cross-attention).
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ from sdtune.io import atomic_path
 from sdtune.run import MANIFEST
 from sdtune.sampling import SCHEDULERS
 
-CONDITION_INPUTS = ("map", "image", "representation")  # sample.yaml keys naming condition files
+CONDITION_INPUTS = (
+    "map",
+    "image",
+    "representation",
+    "image_prompt",
+)  # sample.yaml keys naming condition files
 
 
 # What a run's source can be sampled from: its LoRA (diffusers or kohya file), full pipeline or embedding.
@@ -180,7 +185,8 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 
 def input_problems(cfg: DictConfig, cond_cfg: DictConfig) -> list[str]:
-    """Condition files (map=, image=, representation=) the source needs but lacks, or takes no use for."""
+    """Condition files (map=, image=, representation=, image_prompt=) the source needs but lacks, or takes
+    no use for."""
     from hydra.utils import get_class
 
     problems = []
@@ -188,7 +194,8 @@ def input_problems(cfg: DictConfig, cond_cfg: DictConfig) -> list[str]:
     for key in CONDITION_INPUTS:
         path = cfg[key]
         if key in needed and path is None:
-            problems.append(f"{key}: this model is conditioned on a {key}; pass {key}=<file>")
+            article = "an" if key[0] in "aeiou" else "a"
+            problems.append(f"{key}: this model is conditioned on {article} {key}; pass {key}=<file>")
         elif path is not None and key not in needed:
             problems.append(f"{key}: this model takes no {key} condition; leave {key} out")
         elif path is not None and not Path(path).expanduser().is_file():

@@ -37,6 +37,8 @@ def check_conditioning(cfg: DictConfig, report: Callable[[str], None]) -> None:
         modes = getattr(cls, "resize_modes", None)
         if modes and component.get("resize", modes[0]) not in modes:
             report(f"conditioning.{name}.resize: {component.resize!r}; valid: {', '.join(modes)}")
+        for problem in getattr(cls, "config_problems", lambda *_: [])(component, cfg.data):
+            report(f"conditioning.{name}.{problem}")
         if getattr(cls, "slot", None) == "concat":
             concat.append(name)
         if getattr(cls, "input", None):
