@@ -100,19 +100,34 @@ def train(cfg: DictConfig) -> Run:
     apply_batch_semantics(cfg, trainer)
     # A requeued SLURM job continues from what its previous attempt saved, whatever `resume` says.
     ckpt_path = requeue_checkpoint(run_dir) or resume
+    completed = False
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # Lightning's own stop after the step; GracefulStop saved the checkpoint
-        raise TrainingInterrupted(signal.SIGTERM, last, trainer.global_step) from None
-    save_final_checkpoint(trainer, last)
-    if trainer.is_global_zero:
-        facts = {
-            "dataset_fingerprint": (getattr(datamodule, "summary", None) or {}).get("fingerprint"),
-            "resumed_from": str(resume) if resume else None,
-            "dataset_changed_since_resume": changed,
-        }
-        finish(cfg, module, trainer, datamodule, run_dir, facts)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # Lightning's own stop after the step; GracefulStop saved the checkpoint
+            raise TrainingInterrupted(signal.SIGTERM, last, trainer.global_step) from None
+        save_final_checkpoint(trainer, last)
+        if trainer.is_global_zero:
+            facts = {
+                "dataset_fingerprint": (getattr(datamodule, "summary", None) or {}).get("fingerprint"),
+                "resumed_from": str(resume) if resume else None,
+                "dataset_changed_since_resume": changed,
+            }
+            finish(cfg, module, trainer, datamodule, run_dir, facts)
+        completed = True
+    finally:
+        close_wandb(loggers, completed)
     return Run(run_dir, module, trainer)
+
+
+def close_wandb(loggers: list[Any], completed: bool) -> None:
+    """End this job's W&B run. Left open, the next job in the same process (a Hydra sweep with the basic
+    launcher, a notebook) would be logged into it: Lightning reuses a W&B run that is still in progress."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish(exit_code=0 if completed else 1)
 
 
 def build_module(stack: Any, conditioning: Any, cfg: DictConfig) -> pl.LightningModule:

@@ -87,6 +87,32 @@ def test_run_directory_contents(lora_run) -> None:
     assert manifest["sdtune_version"]
 
 
+def test_the_exports_go_to_wandb_as_an_artifact(lora_run) -> None:
+    # Offline runs keep their records in the run-<id>.wandb log (protobuf, strings stored as they are): the
+    # artifact's name and its files are there for `wandb sync` to upload.
+    (log,) = (lora_run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = log.read_bytes()
+    run_id = log.stem.removeprefix("run-")
+    assert f"lora-{run_id}".encode() in records, "no artifact named after the run"
+    manifest = json.loads((lora_run.run_dir / "manifest.json").read_text())
+    for export in manifest["exports"]:
+        assert Path(export["path"]).name.encode() in records, export
+
+
+def test_each_run_in_one_process_logs_to_its_own_wandb_run(tmp_path: Path) -> None:
+    """As a Hydra sweep with the basic launcher does: two jobs, one process. Lightning reuses a W&B run still
+    in progress, so each job must end its own."""
+    from .conftest import compose_config
+
+    fast = ["+experiment=lora", "trainer.max_steps=1", "data.num_images=4", "sampling.every_n_steps=0"]
+    for name in ("first", "second"):
+        train(compose_config("train", fast, tmp_path / name))
+    first, second = ((tmp_path / n / "wandb").glob("offline-run-*/run-*.wandb") for n in ("first", "second"))
+    (first,), (second,) = list(first), list(second)
+    assert first.stem != second.stem
+    assert b"train/loss" in second.read_bytes(), "the second job logged nothing to its own run"
+
+
 def test_only_lora_parameters_changed(lora_run, tiny_dir) -> None:
     base = StableDiffusionPipeline.from_pretrained(tiny_dir)
     module = lora_run.module
