@@ -59,6 +59,27 @@ def test_local_folder_loads_the_same_weights(tiny_dir: Path, cache_dir: Path) ->
     assert stack.noise_scheduler.config.prediction_type == "epsilon"
 
 
+def test_single_file_checkpoint_loads_the_same_weights(
+    tiny_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """`model.pretrained=<file>.safetensors` (A1111/ComfyUI layout), its component configs from a local
+    folder (`model.config`), as an offline machine needs; a file that is not a checkpoint is named."""
+    from sdtune.formats.single_file import save_single_file
+
+    folder = load_stack(model_cfg(str(tiny_dir)), cache_dir)
+    path = save_single_file(tmp_path / "tiny.safetensors", folder.unet, folder.vae, folder.text_encoder)
+    stack = load_stack(model_cfg(str(path), config=str(tiny_dir)), cache_dir)
+    for name, model in (("unet", stack.unet), ("vae", stack.vae), ("text_encoder", stack.text_encoder)):
+        expected = getattr(folder, name).state_dict()
+        state = model.state_dict()
+        assert state.keys() == expected.keys(), name
+        for key, value in state.items():
+            assert torch.equal(value, expected[key]), f"{name}.{key}"
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="junk.safetensors.*model.config="):
+        load_stack(model_cfg(str(tmp_path / "junk.safetensors"), config=str(tiny_dir)), cache_dir)
+
+
 def test_uncached_hub_id_offline_fails_fast_with_advice(cache_dir: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="local diffusers folder"):
