@@ -73,7 +73,7 @@ def restore(
     (with `ema`, their average where the checkpoint keeps one). The flag says whether the average went in."""
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
-    from sdtune.models.adapters import apply_method
+    from sdtune.models.adapters import apply_method, apply_noise_schedule
     from sdtune.module import DiffusionModule
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
@@ -81,6 +81,7 @@ def restore(
         cfg.method.init_from = None  # the checkpoint holds the trained weights already
     stack = load_stack(cfg.model, cache_dir)
     apply_method(stack, cfg.method)
+    apply_noise_schedule(stack, cfg.method, cfg.loss)
     module = DiffusionModule(stack, build_conditioning(cfg.conditioning, stack), cfg.method, cfg.loss)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = saved["state_dict"]

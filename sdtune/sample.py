@@ -50,6 +50,14 @@ def source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None,
     return model, conditioning, lora, embedding, resolution
 
 
+def run_config(cfg: DictConfig) -> DictConfig | None:
+    """The training config of a run source (None for a base model)."""
+    source = Path(str(cfg.source)).expanduser()
+    if not (source / MANIFEST).is_file():
+        return None
+    return OmegaConf.load(source / ".hydra" / "config.yaml")
+
+
 def _source_configs(cfg: DictConfig) -> tuple[DictConfig, DictConfig, str | None, str | None, int | None]:
     source = Path(str(cfg.source)).expanduser()
     if (source / MANIFEST).is_file():
@@ -243,10 +251,14 @@ def load_source(cfg: DictConfig) -> tuple[Any, Any, int]:
     """(stack, conditioning, native resolution) of `cfg.source`, with its LoRA / embedding / conditioning."""
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
+    from sdtune.models.adapters import apply_noise_schedule
     from sdtune.models.textual_inversion import load_embedding
 
     model_cfg, cond_cfg, lora, embedding, native = source_configs(cfg)
     stack = load_stack(model_cfg, Path(cfg.cache_dir))
+    run_cfg = run_config(cfg)
+    if run_cfg is not None:  # sample with the schedule it trained with (zero terminal SNR, v-prediction)
+        apply_noise_schedule(stack, run_cfg.method, run_cfg.loss)
     if lora:
         load_lora(stack, lora)
     if embedding:

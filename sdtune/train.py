@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> Run:
     from sdtune.checkpoint import AtomicCheckpointIO
     from sdtune.conditioning import build_conditioning
     from sdtune.models import load_stack
-    from sdtune.models.adapters import apply_method
+    from sdtune.models.adapters import apply_method, apply_noise_schedule
     from sdtune.resume import dataset_change, read_checkpoint
     from sdtune.run import record_data
 
@@ -79,6 +79,7 @@ def train(cfg: DictConfig) -> Run:
     conditioning = build_conditioning(cfg.conditioning, stack)
     datamodule.prepare_with_model(stack, conditioning, cfg.trainer.accelerator)  # DreamBooth class images
     apply_method(stack, cfg.method)
+    apply_noise_schedule(stack, cfg.method, cfg.loss)
     conditioning.train_widened_input(stack.unet)  # peft adapters freeze everything else they find
     perf.apply_runtime(stack, cfg.runtime)
     module = build_module(stack, conditioning, cfg)

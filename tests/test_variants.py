@@ -126,3 +126,52 @@ def test_zero_terminal_snr_betas_match_hand_computation() -> None:
     torch.testing.assert_close(rescaled.betas.double(), 1 - alphas, atol=1e-5, rtol=1e-4)  # fp32 in diffusers
     assert rescaled.alphas_cumprod[-1] == 0
     assert rescaled.config.timestep_spacing == "trailing"
+
+
+def test_a_v_prediction_zero_snr_run_samples_and_exports_with_its_own_schedule(tiny_dir, tmp_path) -> None:
+    """An SD2-v style run over the epsilon tiny base: the training target, the run's samplers
+    (`sdtune.sample`), the merged pipeline's scheduler and the kohya header all say v-prediction, zero
+    terminal SNR and trailing timesteps."""
+    from omegaconf import OmegaConf
+
+    from sdtune.export import export
+    from sdtune.sample import load_source
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "+experiment=lora",
+        f"model.pretrained={tiny_dir}",
+        "model.family=sd2",
+        "loss.prediction_type=v_prediction",
+        "method.zero_terminal_snr=true",
+        "trainer.max_steps=1",
+        "data.num_images=4",
+        "sampling.every_n_steps=0",
+        "logger=none",
+    ]
+    run = train(compose_config("train", overrides, run_dir))
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(compose_config("train", overrides), run_dir / ".hydra" / "config.yaml")
+
+    def schedule(config) -> tuple:
+        return config["prediction_type"], config["rescale_betas_zero_snr"], config["timestep_spacing"]
+
+    expected = ("v_prediction", True, "trailing")
+    assert run.module.prediction_type == "v_prediction"
+    assert schedule(run.module.stack.noise_scheduler.config) == expected  # training-time samples
+    sample_cfg = compose_config("sample", [f"source={run_dir}", "prompt=a star", "out=x.png"])
+    stack, _, _ = load_source(sample_cfg)
+    assert schedule(stack.noise_scheduler.config) == expected
+    base_stack, _, _ = load_source(compose_config("sample", ["source=tiny", "prompt=a", "out=x.png"]))
+    assert schedule(base_stack.noise_scheduler.config) == ("epsilon", False, "leading")
+
+    export(compose_config("export", [f"source={run_dir}", "format=merged", f"out={tmp_path / 'merged'}"]))
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged")
+    assert schedule(merged.scheduler.config) == expected
+
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "lora" / "kohya.safetensors"), "pt") as kohya:
+        header = kohya.metadata()
+    assert header["ss_v2"] == "True" and header["ss_base_model_version"] == "sd_v2_v"
+    assert header["modelspec.prediction_type"] == "v"

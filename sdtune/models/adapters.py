@@ -127,9 +127,20 @@ METHODS: dict[str, Callable[[Any, DictConfig], None]] = {
 
 def apply_method(stack: Any, method: DictConfig) -> None:
     """Make the parameters that `method` trains trainable (everything else stays frozen)."""
+    METHODS[method.name](stack, method)
+
+
+def apply_noise_schedule(stack: Any, method: DictConfig, loss: DictConfig) -> None:
+    """Give the stack the noise schedule a run trains with: zero terminal SNR (`method.zero_terminal_snr`) and
+    the prediction type (`loss.prediction_type`, when it overrides the base's). Training-time samples,
+    `sdtune.sample` of the run and the exported pipelines' schedulers are all configured from it, so a
+    v-prediction LoRA over an epsilon base is sampled as v-prediction."""
     if method.get("zero_terminal_snr"):
         stack.noise_scheduler = zero_terminal_snr_scheduler(stack.noise_scheduler)
-    METHODS[method.name](stack, method)
+    wanted = loss.get("prediction_type")
+    if wanted and wanted != stack.noise_scheduler.config.prediction_type:
+        scheduler = stack.noise_scheduler
+        stack.noise_scheduler = type(scheduler).from_config(scheduler.config, prediction_type=wanted)
 
 
 def zero_terminal_snr_scheduler(scheduler: Any) -> Any:
