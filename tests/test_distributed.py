@@ -353,6 +353,33 @@ def test_ddp_two_processes_match_one_process_with_the_same_effective_batch(
     assert not (tmp_path / "wandb").exists()
 
 
+def test_ddp_trains_an_adapter_variant_in_step_on_every_rank(same_images, tmp_path, cache_dir) -> None:
+    """LoHa (a peft variant, as DoRA and LoKr) under two-process DDP: its own weights train, identically on
+    both ranks, and rank 0 exports them (LyCORIS keys in the kohya file)."""
+    run_dir = tmp_path / "run"
+    result = train_cli(
+        *same_data(same_images),
+        "trainer.max_steps=2",
+        "method.variant=loha",
+        "export.formats=[kohya]",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "data.batch_size=1",
+        "logger=none",
+        *probe_args(tmp_path / "probe"),
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    states = ranks(tmp_path / "probe", 2)
+    assert_identical_ranks(states)
+    params = states[0]["params"]
+    assert params and all("hada_" in key for key in params), sorted(params)[:4]
+    with safe_open(str(run_dir / "lora" / "kohya.safetensors"), "pt") as kohya:
+        assert any(key.endswith("hada_w1_a") for key in kohya.keys())
+    assert manifest(run_dir)["world_size"] == 2 and manifest(run_dir)["global_step"] == 2
+
+
 def test_ddp_fork_trains_in_children_and_keeps_a_resumable_checkpoint(
     reference, same_images, tmp_path, cache_dir
 ) -> None:

@@ -251,3 +251,17 @@ def test_experiment_runs_end_to_end(runs, method: str, export: str) -> None:
     for row in logged:  # prior_loss_weight = 1: the loss is the sum of its halves
         total = float(row["train/instance_loss"]) + float(row["train/prior_loss"])
         assert float(row["train/loss"]) == pytest.approx(total, rel=1e-5)
+
+
+def test_an_adapter_variant_trains_with_prior_preservation(train_cfg, cache_dir) -> None:
+    """DoRA (a peft variant, as LoHa and LoKr) on DreamBooth data: its own weights train on instance + class
+    batches, the prior loss is logged, and the diffusers export holds the DoRA magnitudes."""
+    from safetensors.torch import load_file
+
+    run = train(train_cfg(*FAST, "method.variant=dora", "export.formats=[diffusers]"))
+    trainable = run.module.trainable_parameters()
+    assert any("lora_magnitude_vector" in name for name in trainable)
+    rows = list(csv.DictReader((run.run_dir / "csv" / "metrics.csv").open()))
+    assert len([r for r in rows if r.get("train/prior_loss")]) == 3
+    exported = load_file(str(run.run_dir / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any("magnitude" in key for key in exported)
