@@ -76,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
         _check_conditioning,
         check_distributed,
         _check_runtime,
+        _check_logger,
         check_types,
     )
     for check in checks:
@@ -88,6 +89,19 @@ def validate(cfg: DictConfig) -> None:
         )
     if problems:
         raise ConfigError(problems)
+
+
+def _check_logger(cfg: DictConfig, report: Report) -> None:
+    import importlib.util
+
+    target = str((cfg.get("logger") or {}).get("_target_", ""))
+    if target.endswith("TensorBoardLogger") and not any(
+        importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
+    ):
+        report(
+            "logger=tensorboard: the tensorboard package is not installed; pip install 'sdtune[tensorboard]' "
+            "(or tensorboard), or choose logger=wandb | csv | none"
+        )
 
 
 def require_given(cfg: DictConfig) -> None:

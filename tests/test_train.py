@@ -227,3 +227,32 @@ def test_cli_bad_config_fails_fast_with_every_problem(tmp_path, cache_dir) -> No
     assert result.returncode == 1
     assert "method.rank" in result.stderr and "sampling.scheduler" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tensorboard_logger_writes_events_and_is_refused_when_not_installed(
+    train_cfg, tmp_path, monkeypatch
+) -> None:
+    import importlib.util
+
+    from sdtune.config import ConfigError, validate
+
+    run = train(
+        train_cfg(
+            "+experiment=lora",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "sampling.every_n_steps=0",
+            "data.num_images=4",
+            "logger=tensorboard",
+        )
+    )
+    events = list((run.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and b"train/loss" in events[0].read_bytes()
+
+    real_find_spec = importlib.util.find_spec
+    missing = {"tensorboard", "tensorboardX"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"logger=tensorboard: .*pip install 'sdtune\[tensorboard\]'"):
+        validate(train_cfg("+experiment=lora", "logger=tensorboard"))
