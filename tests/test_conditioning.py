@@ -261,16 +261,16 @@ def test_conditioning_and_data_must_fit(train_cfg) -> None:
         validate(
             train_cfg(
                 "+experiment=semantic",
-                "data=shapes",
+                "data=dreambooth",
                 "sampling.condition_guidance={sketch: 2.0}",
                 "conditioning.map.resize=bilinear",
             )
         )
     message = str(info.value)
     assert "conditioning.map.resize: 'bilinear'; valid: nearest, area" in message
-    assert "conditioning.map: reads batch key 'map', which data=shapes does not provide" in message
+    assert "conditioning.map: reads batch key 'map', which data=dreambooth does not provide" in message
     assert "sampling.condition_guidance: unknown condition(s) ['sketch']" in message
-    assert "sampling.from_data: data=shapes cannot serve conditions" in message
+    assert "sampling.from_data: data=dreambooth cannot serve conditions" in message
     # conditioning=… picks its data config, so the one-liners compose as they are
     assert train_cfg("conditioning=representation").data.name == "representation"
     assert train_cfg("+experiment=image_edit").data.name == "pairs"

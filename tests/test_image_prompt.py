@@ -89,12 +89,14 @@ def test_bad_settings_are_named_before_any_model_loads(train_cfg, tmp_path: Path
         *FAST,
         f"conditioning.image_prompt.encoder={tmp_path / 'no-such-encoder'}",
         "conditioning.image_prompt.tokens=0",
+        "conditioning.image_prompt.train_encoder=yes",
     )
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     message = str(info.value)
     assert "conditioning.image_prompt.encoder: " in message and "no-such-encoder" in message
     assert "conditioning.image_prompt.tokens: must be an integer >= 1, got 0" in message
+    assert "conditioning.image_prompt.train_encoder: must be true or false, got 'yes'" in message
     cfg = train_cfg(
         *FAST, "data=shapes", "data.cache_latents=true", "conditioning.image_prompt.key=pixel_values"
     )
@@ -143,3 +145,40 @@ def test_sampling_takes_the_image_prompt_and_follows_it(run, tmp_path: Path) -> 
     cfg = OmegaConf.merge(compose_config("sample", args), {"image_prompt": str(tmp_path / "missing.png")})
     with pytest.raises(ConfigError, match="missing.png' does not exist"):
         sample(cfg)
+
+
+def test_image_variations_embed_the_training_images_of_a_caption_dataset(train_cfg) -> None:
+    """`key: pixel_values` on data=shapes: each image is its own prompt, and the validation samples are
+    conditioned on the first training images (centre-cropped), shown beside them."""
+    run = train(
+        train_cfg(
+            *[a for a in FAST if not a.startswith("sampling.from_data")],
+            "data=shapes",
+            "conditioning.image_prompt.key=pixel_values",
+            "sampling.every_n_steps=2",
+        )
+    )
+    grid = Image.open(run.run_dir / "samples" / "step_000002.png")
+    assert grid.size == (2 * 64, 2 * 64)  # 2 data samples (the default), each [image prompt | sample]
+    batch = run.trainer.datamodule.condition_batch(2)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and len(batch["caption"]) == 2
+
+
+def test_a_trained_encoder_is_optimised_saved_and_sampled_with(train_cfg, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from sdtune.sample import load_source
+
+    run = train(train_cfg(*FAST, "conditioning.image_prompt.train_encoder=true"))
+    encoder = run.module.conditioning.components["image_prompt"].encoder
+    optimizer = run.trainer.optimizers[0]
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in encoder.parameters())
+    saved = load_file(str(run.run_dir / "conditioning.safetensors"))
+    name = "components.image_prompt.encoder.visual_projection.weight"
+    torch.testing.assert_close(saved[name], encoder.visual_projection.weight)
+    assert not torch.equal(saved[name], load_image_encoder(None).visual_projection.weight), "did not train"
+    _, conditioning, _ = load_source(
+        compose_config("sample", [f"source={run.run_dir}", "prompt=a", "out=x.png", "image_prompt=x.png"])
+    )
+    loaded = conditioning.components["image_prompt"].encoder.visual_projection.weight
+    torch.testing.assert_close(loaded, encoder.visual_projection.weight)

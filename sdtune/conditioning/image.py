@@ -53,8 +53,9 @@ class ImagePromptConditioner(nn.Module):
 
     `key: pixel_values` embeds the training image itself (image variations); with `data=pairs`,
     `key: source_pixel_values` embeds the source and the model learns to draw the target from it and the
-    instruction. The null condition (classifier-free guidance) is all-zero tokens. The projection trains at
-    the method's `text_encoder_lr` and is saved in the checkpoint and as `conditioning.safetensors`.
+    instruction. The null condition (classifier-free guidance) is all-zero tokens. The projection (and with
+    `train_encoder`, the encoder) trains at the method's `text_encoder_lr` and is saved in the checkpoint and
+    as `conditioning.safetensors`.
     """
 
     slot = "crossattn"
@@ -67,11 +68,14 @@ class ImagePromptConditioner(nn.Module):
         tokens: int = 4,
         dropout: float = 0.1,
         key: str = "source_pixel_values",
+        train_encoder: bool = False,
     ) -> None:
         super().__init__()
         from sdtune.models.image_encoder import load_image_encoder
 
         self.encoder = load_image_encoder(encoder)
+        # Trained, the encoder's weights are saved with the projection (conditioning.safetensors).
+        self.encoder.requires_grad_(train_encoder)
         width = stack.unet.config.cross_attention_dim
         self.tokens, self.width, self.dropout, self.key = tokens, width, dropout, key
         self.proj = nn.Linear(self.encoder.config.projection_dim, tokens * width)
@@ -89,6 +93,8 @@ class ImagePromptConditioner(nn.Module):
         tokens = component.get("tokens", 4)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             problems.append(f"tokens: must be an integer >= 1, got {tokens!r}")
+        if not isinstance(component.get("train_encoder", False), bool):
+            problems.append(f"train_encoder: must be true or false, got {component.train_encoder!r}")
         if component.get("key") == "pixel_values" and data.get("cache_latents"):
             problems.append(
                 "key: pixel_values embeds the training images, but data.cache_latents=true keeps only their "
@@ -102,7 +108,7 @@ class ImagePromptConditioner(nn.Module):
 
         param = next(self.encoder.parameters())
         inputs = clip_pixels(pixels.to(param.device), self.encoder.config.image_size).to(param.dtype)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and param.requires_grad):
             return self.encoder(pixel_values=inputs).image_embeds
 
     def forward(self, batch: dict[str, Any], drop: Tensor) -> Tensor:

@@ -155,6 +155,16 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     def num_samples(self) -> int:
         return len(self.dataset) if self.dataset is not None else 0
 
+    def condition_batch(self, count: int) -> dict[str, Any]:
+        """The first `count` images, centre-cropped and unflipped, with their captions: what validation
+        samples are conditioned on when a condition reads the training images (`conditioning.image_prompt.key:
+        pixel_values`, image variations)."""
+        self.setup()
+        plain = ImageCaptionDataset(
+            self.records, ImageTransform(self.transform.resolution), self.discover_kwargs["image_column"]
+        )
+        return collate([plain[i] for i in range(min(count, len(plain)))])
+
     def _relative_names(self, records: Records) -> list[str]:
         """Names independent of where the dataset lives: paths relative to the root, or row numbers."""
         if records.hf_dataset is not None:
