@@ -1,4 +1,5 @@
-"""A source image → its VAE latents, fed to the U-Net by concatenation (InstructPix2Pix-style edits)."""
+"""Images as conditions: a source image's VAE latents by concatenation (InstructPix2Pix-style edits), or an
+image's CLIP embedding as cross-attention tokens (image prompts: IP-Adapter, SD image variations)."""
 
 from __future__ import annotations
 
