@@ -145,10 +145,9 @@ def export(cfg: DictConfig) -> Path:
         training=training_metadata(run_cfg, manifest.get("global_step")),
     )
     written = EXPORTERS[cfg.format](ctx, Path(cfg.out))
+    # e.g. a representation projection: no model format holds it, and the export is useless without it
     own = conditioning_weights(ctx) if ctx.conditioning is not None else {}
-    if (
-        own
-    ):  # e.g. a representation projection: no model format holds it, and the export is useless without it
+    if own:
         beside = save_conditioning(own, conditioning_path(written))
         print(f"the trained conditioning weights went to {beside}", file=sys.stderr)
     return written

@@ -101,13 +101,8 @@ def train(cfg: DictConfig) -> Run:
     apply_batch_semantics(cfg, trainer)
     # A requeued SLURM job continues from what its previous attempt saved, whatever `resume` says.
     ckpt_path = requeue_checkpoint(run_dir) or resume
-    completed = False
     try:
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except SIGTERMException:  # Lightning's own stop after the step; GracefulStop saved the checkpoint
-            raise TrainingInterrupted(signal.SIGTERM, last, trainer.global_step) from None
-        save_final_checkpoint(trainer, last)
+        fit(trainer, module, datamodule, ckpt_path, last)
         if trainer.is_global_zero:
             facts = {
                 "dataset_fingerprint": (getattr(datamodule, "summary", None) or {}).get("fingerprint"),
@@ -115,10 +110,20 @@ def train(cfg: DictConfig) -> Run:
                 "dataset_changed_since_resume": changed,
             }
             finish(cfg, module, trainer, datamodule, run_dir, facts)
-        completed = True
-    finally:
-        close_wandb(loggers, completed)
+    except BaseException:
+        close_wandb(loggers, completed=False)
+        raise
+    close_wandb(loggers, completed=True)
     return Run(run_dir, module, trainer)
+
+
+def fit(trainer: pl.Trainer, module: Any, datamodule: Any, ckpt_path: Any, last: Path) -> None:
+    """Train, then save the final checkpoint (every rank takes part)."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own stop after the step; GracefulStop saved the checkpoint
+        raise TrainingInterrupted(signal.SIGTERM, last, trainer.global_step) from None
+    save_final_checkpoint(trainer, last)
 
 
 def close_wandb(loggers: list[Any], completed: bool) -> None:

@@ -104,7 +104,8 @@ def test_each_run_in_one_process_logs_to_its_own_wandb_run(tmp_path: Path) -> No
     in progress, so each job must end its own."""
     from .conftest import compose_config
 
-    fast = ["+experiment=lora", "trainer.max_steps=1", "data.num_images=4", "sampling.every_n_steps=0"]
+    fast = ["+experiment=lora", "trainer.max_steps=1", "trainer.log_every_n_steps=1", "data.num_images=4"]
+    fast += ["sampling.every_n_steps=0"]
     for name in ("first", "second"):
         train(compose_config("train", fast, tmp_path / name))
     first, second = ((tmp_path / n / "wandb").glob("offline-run-*/run-*.wandb") for n in ("first", "second"))
