@@ -33,7 +33,8 @@ def check(cfg: DictConfig) -> None:
     source_bad = source_problems(cfg)
     problems = request_problems(cfg) + source_bad + metric_problems(cfg.metrics)
     if not source_bad:
-        problems += guidance_problems(cfg, source_configs(cfg)[1])
+        conditioning = source_configs(cfg)[1]
+        problems += guidance_problems(cfg, conditioning) + unscorable_inputs(conditioning)
     try:
         prompts = prompts_from_config(cfg)
     except (KeyError, TypeError, ValueError) as error:
@@ -47,6 +48,21 @@ def check(cfg: DictConfig) -> None:
         problems.append(f"out: {target} already exists; pass overwrite=true or another out/name")
     if problems:
         raise ConfigError(problems)
+
+
+def unscorable_inputs(conditioning: DictConfig) -> list[str]:
+    """Conditions the prompt set cannot supply: the judge generates from text (and semantic maps it draws)."""
+    from hydra.utils import get_class
+
+    problems = []
+    for name, component in conditioning.items():
+        needed = getattr(get_class(component._target_), "input", None)
+        if needed not in (None, "map"):
+            problems.append(
+                f"source: this run is conditioned on {needed} files (conditioning.{name}); sdtune.evaluate "
+                f"scores text prompts and semantic maps only — sample it with sdtune.sample {needed}=<file>"
+            )
+    return problems
 
 
 def run(cfg: DictConfig) -> Path:

@@ -182,3 +182,16 @@ def test_a_trained_encoder_is_optimised_saved_and_sampled_with(train_cfg, tmp_pa
     )
     loaded = conditioning.components["image_prompt"].encoder.visual_projection.weight
     torch.testing.assert_close(loaded, encoder.visual_projection.weight)
+
+
+def test_evaluate_names_the_condition_it_cannot_supply_before_loading(run, tmp_path, monkeypatch) -> None:
+    import sdtune.sample
+    from sdtune.evaluate import run as evaluate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the request was checked")
+
+    monkeypatch.setattr(sdtune.sample, "load_source", no_loading)
+    cfg = compose_config("evaluate", [f"source={run.run_dir}", f"out={tmp_path}", "judge_renders=0"])
+    with pytest.raises(ConfigError, match="conditioned on image_prompt files .*sdtune.sample image_prompt="):
+        evaluate(cfg)
