@@ -320,12 +320,17 @@ def _check_shape_choices(section: DictConfig, key: str, report: Report) -> None:
 
 
 def _check_evaluation(cfg: DictConfig, report: Report) -> None:
-    from sdtune.evaluation import check_prompts, prompts_from_config
+    from sdtune.evaluation import check_prompts, prompts_from_config, unscorable_inputs
     from sdtune.sampling import SCHEDULERS
 
     evaluation = cfg.get("evaluation")
     if not evaluation or not evaluation.every_n_steps:
         return
+    for name, needed in unscorable_inputs(cfg.conditioning):
+        report(
+            f"evaluation.every_n_steps: the evaluation generates from text prompts, but conditioning.{name} "
+            f"needs {needed} files; set evaluation.every_n_steps=0"
+        )
     _check_shape_choices(evaluation, "evaluation", report)
     if evaluation.scheduler not in SCHEDULERS:
         valid = ", ".join(SCHEDULERS)

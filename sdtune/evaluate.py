@@ -26,7 +26,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def check(cfg: DictConfig) -> None:
     """Every problem with the request, before any model loads."""
-    from sdtune.evaluation import check_prompts, prompts_from_config
+    from sdtune.evaluation import check_prompts, prompts_from_config, unscorable_inputs
     from sdtune.metrics import metric_problems
     from sdtune.sample import guidance_problems, request_problems, source_configs, source_problems
 
@@ -34,7 +34,12 @@ def check(cfg: DictConfig) -> None:
     problems = request_problems(cfg) + source_bad + metric_problems(cfg.metrics)
     if not source_bad:
         conditioning = source_configs(cfg)[1]
-        problems += guidance_problems(cfg, conditioning) + unscorable_inputs(conditioning)
+        problems += guidance_problems(cfg, conditioning)
+        problems += [
+            f"source: this run is conditioned on {needed} files (conditioning.{name}); sdtune.evaluate "
+            f"scores text prompts and semantic maps only — sample it with sdtune.sample {needed}=<file>"
+            for name, needed in unscorable_inputs(conditioning)
+        ]
     try:
         prompts = prompts_from_config(cfg)
     except (KeyError, TypeError, ValueError) as error:
@@ -48,21 +53,6 @@ def check(cfg: DictConfig) -> None:
         problems.append(f"out: {target} already exists; pass overwrite=true or another out/name")
     if problems:
         raise ConfigError(problems)
-
-
-def unscorable_inputs(conditioning: DictConfig) -> list[str]:
-    """Conditions the prompt set cannot supply: the judge generates from text (and semantic maps it draws)."""
-    from hydra.utils import get_class
-
-    problems = []
-    for name, component in conditioning.items():
-        needed = getattr(get_class(component._target_), "input", None)
-        if needed not in (None, "map"):
-            problems.append(
-                f"source: this run is conditioned on {needed} files (conditioning.{name}); sdtune.evaluate "
-                f"scores text prompts and semantic maps only — sample it with sdtune.sample {needed}=<file>"
-            )
-    return problems
 
 
 def run(cfg: DictConfig) -> Path:

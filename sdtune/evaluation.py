@@ -82,6 +82,19 @@ def with_layouts(prompts: list[Prompt], seed: int) -> list[Prompt]:
     return placed
 
 
+def unscorable_inputs(conditioning: DictConfig) -> list[tuple[str, str]]:
+    """(component, input) of each condition a prompt set cannot supply: the evaluation generates from text
+    (and from the semantic maps it draws itself)."""
+    from hydra.utils import get_class
+
+    found = []
+    for name, component in conditioning.items():
+        needed = getattr(get_class(component._target_), "input", None)
+        if needed not in (None, "map"):
+            found.append((name, needed))
+    return found
+
+
 def map_component(conditioning: Any) -> Any:
     """The conditioning component that takes a label map, if any."""
     return next((c for c in conditioning.components.values() if getattr(c, "input", None) == "map"), None)

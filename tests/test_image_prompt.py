@@ -90,6 +90,7 @@ def test_bad_settings_are_named_before_any_model_loads(train_cfg, tmp_path: Path
         f"conditioning.image_prompt.encoder={tmp_path / 'no-such-encoder'}",
         "conditioning.image_prompt.tokens=0",
         "conditioning.image_prompt.train_encoder=yes",
+        "evaluation.every_n_steps=10",
     )
     with pytest.raises(ConfigError) as info:
         validate(cfg)
@@ -97,6 +98,10 @@ def test_bad_settings_are_named_before_any_model_loads(train_cfg, tmp_path: Path
     assert "conditioning.image_prompt.encoder: " in message and "no-such-encoder" in message
     assert "conditioning.image_prompt.tokens: must be an integer >= 1, got 0" in message
     assert "conditioning.image_prompt.train_encoder: must be true or false, got 'yes'" in message
+    assert (
+        "evaluation.every_n_steps: the evaluation generates from text prompts, but conditioning.image_prompt"
+        in message
+    )
     cfg = train_cfg(
         *FAST, "data=shapes", "data.cache_latents=true", "conditioning.image_prompt.key=pixel_values"
     )
