@@ -95,7 +95,7 @@ def train(cfg: DictConfig) -> Run:
         default_root_dir=str(run_dir),
         callbacks=callbacks,
         logger=loggers or False,
-        plugins=cluster_plugins(),
+        plugins=cluster_plugins() or None,  # Lightning 2.4 refuses an empty list
     )
     trainer.strategy.checkpoint_io = AtomicCheckpointIO(cfg.model.allow_pickle)
     apply_batch_semantics(cfg, trainer)

@@ -91,3 +91,21 @@ def test_sdxl_family_loads_the_tiny_sdxl_stack(cache_dir: Path) -> None:
     assert type(stack.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert stack.tokenizer_2 is not None and len(stack.text_encoders) == 2
     assert stack.unet.config.addition_embed_type == "text_time"
+
+
+def test_shipped_weights_load_in_either_clip_key_layout() -> None:
+    """transformers 5.x releases differ on `text_model.` in CLIPTextModel's keys; both layouts load."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdtune.models.tiny import in_model_layout
+
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = CLIPTextModel(config)
+    own = model.state_dict()
+    flat = {k.removeprefix("text_model."): v for k, v in own.items()}
+    prefixed = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in own.items()}
+    for state in (flat, prefixed):
+        assert in_model_layout(state, model).keys() == own.keys()
+    assert in_model_layout({"nope": own[next(iter(own))]}, model).keys() == {
+        "nope"
+    }  # left to the strict load

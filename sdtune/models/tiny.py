@@ -120,9 +120,23 @@ def load_pretrained_weights(pipe: Any) -> None:
     for name in COMPONENTS:
         state = load_file(PRETRAINED_DIR / f"{name}.safetensors")
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        getattr(pipe, name).load_state_dict(state, strict=True)
+        model = getattr(pipe, name)
+        model.load_state_dict(in_model_layout(state, model), strict=True)
     vae_facts = json.loads((PRETRAINED_DIR / "vae.json").read_text())
     pipe.vae.register_to_config(scaling_factor=vae_facts["scaling_factor"])
+
+
+def in_model_layout(state: dict[str, Any], model: Any) -> dict[str, Any]:
+    """`state` keyed as `model` keys its weights: transformers 5.x versions differ on whether CLIPTextModel's
+    keys carry the `text_model.` prefix (the shipped file has the newer, flat layout)."""
+    expected = set(model.state_dict())
+    if set(state) == expected:
+        return state
+    for old, new in (("", "text_model."), ("text_model.", "")):
+        mapped = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in state.items()}
+        if set(mapped) == expected:
+            return mapped
+    return state  # the strict load names what differs
 
 
 def build_tiny_pipeline():  # -> StableDiffusionPipeline (imported lazily: diffusers is slow to import)
