@@ -7,7 +7,8 @@
 #   4. stage-two pretraining of the tiny stack continued from the shipped weights for the time left, then
 #      the judge's evaluation of the result (ship it with scripts/ship_tiny_weights.py if it is better)
 #
-#   bash scripts/gpu_checks.sh OUT_DIR [SECONDS]        (SKIP_TESTS=1 skips step 1)
+#   bash scripts/gpu_checks.sh OUT_DIR [SECONDS]        (SKIP_TESTS=1 skips step 1, SKIP_BENCH=1 steps 1-3)
+#   PRE_SEED=N renders step 4's 30,000 images from another seed (default 1000, the dataset of the first run)
 #
 # Python packages the machine lacks may lie as wheels in .whl/ (installed into /tmp/site first).
 set -u
@@ -35,16 +36,19 @@ for name in ("torch", "diffusers", "transformers", "peft", "pytorch_lightning", 
         print(name, "MISSING", error)
 EOF
 
-PRE_IMAGES=30000
+PRE_IMAGES=${PRE_IMAGES:-30000}
+PRE_SEED=${PRE_SEED:-1000}
 PRE_SHAPES="[circle,square,triangle,hexagon]"
 # Stage-two data is generated on the CPU while the GPU runs the tests (flock: training waits for it).
 python3 - <<EOF >/tmp/pretrain_data.log 2>&1 &
 from pathlib import Path
 from sdtune.data.shapes import ensure_dataset
-print(ensure_dataset(Path("/tmp/sdtune-cache"), $PRE_IMAGES, 64, 1000, shapes=("circle", "square", "triangle", "hexagon")))
+shapes = ("circle", "square", "triangle", "hexagon")
+print(ensure_dataset(Path("/tmp/sdtune-cache"), $PRE_IMAGES, 64, $PRE_SEED, shapes=shapes, workers=12))
 EOF
 DATA_PID=$!
 
+if [ -z "${SKIP_BENCH:-}" ]; then
 echo "== 1. tests/test_perf.py on the GPU ($(left) s left)"
 [ -z "${SKIP_TESTS:-}" ] && timeout 90 python3 -m pytest tests/test_perf.py -q -p no:cacheprovider -W ignore 2>&1 | tail -8
 
@@ -64,14 +68,15 @@ timeout 240 python3 scripts/benchmark.py --workload sd15-lora-512 --cache --comp
   --channels-last --sides sdtune,unet_only --steps 20 --warmup 8 --repeats 1 --cache-dir /tmp/sdtune-cache \
   >"$OUT/bench_compiled.json"
 cat "$OUT/bench_compiled.json"
+fi
 
-TRAIN=$(($(left) - 110))  # leaves time for the latent cache, export and evaluation
-echo "== 4. stage-two pretraining for ${TRAIN} s ($(left) s left)"
 wait $DATA_PID  # not a bare wait: that would also wait for the tee above
-cat /tmp/pretrain_data.log | tail -2
+tail -c 300 /tmp/pretrain_data.log
+TRAIN=$(($(left) - 140))  # leaves time for the latent cache, export and evaluation
+echo "== 4. stage-two pretraining for ${TRAIN} s ($(left) s left)"
 if [ "$TRAIN" -gt 30 ]; then
-  timeout $((TRAIN + 90)) python3 -m sdtune.train +experiment=pretrain vae_run=none model.pretrained=null \
-    data.num_images=$PRE_IMAGES "data.shapes=$PRE_SHAPES" data.batch_size=512 data.num_workers=12 \
+  timeout $((TRAIN + 110)) python3 -m sdtune.train +experiment=pretrain vae_run=none model.pretrained=null \
+    data.num_images=$PRE_IMAGES data.seed=$PRE_SEED "data.shapes=$PRE_SHAPES" data.batch_size=512 data.num_workers=12 \
     trainer.max_steps=1000000 "trainer.max_time=$(printf '00:00:%02d:%02d' $((TRAIN / 60)) $((TRAIN % 60)))" trainer.log_every_n_steps=100 \
     evaluation.every_n_steps=0 sampling.prompts=[] callbacks.checkpoint.every_n_train_steps=2000 \
     paths.cache_dir=/tmp/sdtune-cache hydra.run.dir=/tmp/pretrain >/tmp/pretrain.log 2>&1

@@ -213,6 +213,33 @@ def test_image_i_does_not_depend_on_num_images(tmp_path: Path) -> None:
     assert small_lines == (large / "metadata.jsonl").read_text().splitlines()[:5]
 
 
+def test_parallel_generation_writes_the_same_files(tmp_path: Path) -> None:
+    serial = _tree_bytes(generate_dataset(tmp_path / "serial", 37, 32, seed=4, workers=1))
+    parallel = _tree_bytes(generate_dataset(tmp_path / "parallel", 37, 32, seed=4, workers=2))
+    assert parallel == serial
+    assert len([name for name in parallel if name.startswith("images/")]) == 37
+
+
+def test_parallel_generation_from_a_script_on_stdin(tmp_path: Path) -> None:
+    # spawn workers re-run __main__ from its file; "python -" has none, so this must fall back to one process
+    script = (
+        "from pathlib import Path\n"
+        "from sdtune.data.shapes import generate_dataset\n"
+        f"generate_dataset(Path({str(tmp_path / 'ds')!r}), 12, 16, seed=1, workers=2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT)}
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, text=True, capture_output=True, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "ds" / "images").iterdir())) == 12
+
+
+def test_default_workers() -> None:
+    assert shapes.default_workers(shapes.PARALLEL_FROM - 1) == 1
+    assert 1 <= shapes.default_workers(shapes.PARALLEL_FROM) <= 16
+
+
 def test_generate_dataset_refuses_existing_root(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     root.mkdir()

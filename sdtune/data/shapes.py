@@ -17,17 +17,24 @@ under a file lock so concurrent processes generate each one exactly once.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+T = TypeVar("T")
 
 __all__ = [
     "BACKGROUNDS",
@@ -40,6 +47,7 @@ __all__ = [
     "ShapeSpec",
     "caption",
     "dataset_path",
+    "default_workers",
     "ensure_dataset",
     "generate_dataset",
     "render",
@@ -74,6 +82,7 @@ _CIRCLE_VERTICES = 96
 _STAR_INNER_RATIO = 0.45
 _CROSS_HALF_WIDTH = 0.3
 _PROGRESS_THRESHOLD = 200
+PARALLEL_FROM = 2000  # below this, starting worker processes costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -215,31 +224,34 @@ def render(spec: ShapeSpec, resolution: int) -> tuple[Image.Image, np.ndarray]:
     return image, semantic
 
 
-def _progress(items: Iterable[int], total: int) -> Iterable[int]:
-    """Wrap ``items`` in a tqdm bar when tqdm is installed and the job is long enough to need one."""
+def _progress(items: Iterable[T], total: int, images: Callable[[T], int] = lambda _: 1) -> Iterator[T]:
+    """Yield ``items`` under a tqdm bar of ``total`` images (``images(item)`` each) when the job is long."""
     if total <= _PROGRESS_THRESHOLD:
-        return items
+        yield from items
+        return
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return items
-    return tqdm(items, total=total, desc="shapes dataset", unit="img")
+        yield from items
+        return
+    with tqdm(total=total, desc="shapes dataset", unit="img") as bar:
+        for item in items:
+            yield item
+            bar.update(images(item))
 
 
-def _write_dataset(
+def _render_files(
     folder: Path,
-    num_images: int,
+    indices: Iterable[int],
     resolution: int,
     seed: int,
     shapes: Sequence[str],
     colours: Sequence[str],
     backgrounds: Sequence[str],
-) -> None:
-    """Write all files of a dataset into an existing, empty ``folder``."""
-    (folder / "images").mkdir()
-    (folder / "maps").mkdir()
+) -> list[str]:
+    """Render and write images ``indices`` into ``folder``; return their metadata lines in order."""
     records = []
-    for i in _progress(range(num_images), num_images):
+    for i in indices:
         spec = sample_spec(np.random.default_rng([seed, i]), shapes, colours, backgrounds)
         image, semantic = render(spec, resolution)
         name = f"{i:05d}.png"
@@ -254,6 +266,57 @@ def _write_dataset(
             "background": spec.background,
         }
         records.append(json.dumps(record) + "\n")
+    return records
+
+
+def default_workers(num_images: int) -> int:
+    """Processes to render with: one for small datasets, else the CPUs this process may use (≤ 16)."""
+    if num_images < PARALLEL_FROM:
+        return 1
+    return max(1, min(16, len(os.sched_getaffinity(0))))
+
+
+def _can_spawn() -> bool:
+    """Whether "spawn" workers can start: they re-run ``__main__`` from its file, and a script read
+    from stdin (``python -``) has a file name that does not exist."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or Path(main_file).exists()
+
+
+def _write_dataset(
+    folder: Path,
+    num_images: int,
+    resolution: int,
+    seed: int,
+    shapes: Sequence[str],
+    colours: Sequence[str],
+    backgrounds: Sequence[str],
+    workers: int,
+) -> None:
+    """Write all files of a dataset into an existing, empty ``folder``."""
+    (folder / "images").mkdir()
+    (folder / "maps").mkdir()
+    args = (resolution, seed, shapes, colours, backgrounds)
+    if workers <= 1 or not _can_spawn():
+        records = _render_files(folder, _progress(range(num_images), num_images), *args)
+    else:
+        # Image i depends only on (seed, i), so chunks rendered in any order give the same files.
+        step = max(1, math.ceil(num_images / (workers * 8)))
+        chunks = [range(start, min(start + step, num_images)) for start in range(0, num_images, step)]
+        # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            render_chunk = functools.partial(
+                _render_files,
+                folder,
+                resolution=resolution,
+                seed=seed,
+                shapes=shapes,
+                colours=colours,
+                backgrounds=backgrounds,
+            )
+            parts = pool.map(render_chunk, chunks)
+            records = [line for part in _progress(parts, num_images, len) for line in part]
     (folder / "metadata.jsonl").write_text("".join(records), encoding="utf-8")
     (folder / "classes.json").write_text(json.dumps(["background", *SHAPES]) + "\n", encoding="utf-8")
 
@@ -266,11 +329,13 @@ def generate_dataset(
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
     backgrounds: Sequence[str] = tuple(BACKGROUNDS),
+    workers: int | None = None,
 ) -> Path:
     """Generate a dataset at ``root`` (which must not exist) and return ``root``.
 
     Output is byte-identical for identical arguments, and image ``i`` only depends on ``seed`` and
-    ``i``. Files are written to a temporary sibling folder that is renamed to ``root`` at the end,
+    ``i`` (so ``workers`` processes, default `default_workers`, give the same files as one). Files
+    are written to a temporary sibling folder that is renamed to ``root`` at the end,
     so ``root`` either does not exist or is complete.
     """
     root = Path(root)
@@ -288,7 +353,8 @@ def generate_dataset(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_dataset(tmp, num_images, resolution, seed, shapes, colours, backgrounds)
+        count = default_workers(num_images) if workers is None else workers
+        _write_dataset(tmp, num_images, resolution, seed, shapes, colours, backgrounds, count)
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -327,6 +393,7 @@ def ensure_dataset(
     shapes: Sequence[str] = SHAPES,
     colours: Sequence[str] = tuple(COLOURS),
     backgrounds: Sequence[str] = tuple(BACKGROUNDS),
+    workers: int | None = None,
 ) -> Path:
     """Return the cached dataset for these parameters, generating it first if it is missing.
 
@@ -346,6 +413,6 @@ def ensure_dataset(
             # Holding the lock means nobody else is generating this key: any tmp folder is stale.
             for stale in root.parent.glob(f"{root.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            return generate_dataset(root, num_images, resolution, seed, shapes, colours, backgrounds)
+            return generate_dataset(root, num_images, resolution, seed, shapes, colours, backgrounds, workers)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
