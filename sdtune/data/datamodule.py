@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sdtune.data.buckets import (
     BucketedDataset,
@@ -176,18 +176,19 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         """Data made with the base model before training (DreamBooth class images); none here."""
 
     def train_dataloader(self) -> DataLoader:
-        """Seeded order, same batch count every epoch, resumable mid-epoch (`sdtune.data.sampler`)."""
-        if self.buckets is not None:
-            return self._bucket_dataloader()
+        """Seeded order, same batch count every epoch, resumable mid-epoch (`sdtune.data.sampler`); with
+        aspect-ratio buckets, every batch from one bucket."""
         seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
         trainer = self.trainer
-        sampler = ResumableSampler(
-            len(self.dataset),
-            self.batch_size,
-            seed,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            position=self._position,
+        replicas: dict[str, Any] = {
+            "num_replicas": trainer.world_size if trainer is not None else 1,
+            "rank": trainer.global_rank if trainer is not None else 0,
+            "position": lambda: trainer_position(self.trainer),
+        }
+        sampler: DistributedSampler = (
+            BucketSampler(self.buckets.ids, self.batch_size, seed=seed, **replicas)
+            if self.buckets is not None
+            else ResumableSampler(len(self.dataset), self.batch_size, seed, **replicas)
         )
         return ResumableDataLoader(
             self._training_dataset(),
@@ -206,36 +207,10 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             return self.dataset
         return AugmentedCaptions(self.dataset, self.caption_tags)
 
-    def _position(self) -> tuple[int, int] | None:
-        """(epoch, batches of it already trained) from the trainer's progress, restored on resume."""
-        if self.trainer is None:
-            return None
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
-
     def state_dict(self) -> dict[str, Any]:
         """Kept in checkpoints: the dataset fingerprint, compared on resume (`sdtune.resume`)."""
         summary = self.summary or {}
         return {"dataset": {k: summary.get(k) for k in ("fingerprint", "num_samples")}}
-
-    def _bucket_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        sampler = BucketSampler(
-            self.buckets.ids,
-            self.batch_size,
-            seed=torch.initial_seed(),
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            position=lambda: trainer_position(self.trainer),
-        )
-        return ResumableDataLoader(
-            self._training_dataset(),
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
 
 
 class ShapesDataModule(ImageCaptionDataModule):
