@@ -33,6 +33,7 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 from sdtune.formats.kohya_file import SDXL_TE_PREFIXES, TE_PREFIX, UNET_PREFIX, key_listing
+from sdtune.formats.single_file import UNET_RESNET_SGM
 
 TE_PREFIX_ALIASES = ("lora_te_", "lora_te1_")  # diffusers' own kohya writer uses lora_te1_ for SD1
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
@@ -164,14 +165,6 @@ def _peft_modules(
     return modules
 
 
-_RESNET_SGM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
 _TOP_LEVEL_SGM = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
@@ -216,7 +209,7 @@ def sgm_unet_path(path: str, layout: Any) -> str:
 
 def _sgm_join(block: str, kind: str, rest: list[str]) -> str:
     if kind == "resnets":
-        rest = [_RESNET_SGM.get(rest[0], rest[0]), *rest[1:]]
+        rest = [UNET_RESNET_SGM.get(rest[0], rest[0]), *rest[1:]]
     return ".".join([block, *rest])
 
 

@@ -42,7 +42,8 @@ StateDict = dict[str, torch.Tensor]
 _UNET_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UNET_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _UNET_MID_TYPE = "UNetMidBlock2DCrossAttn"
-_UNET_RESNET = {
+# diffusers' ResNet block names -> the original (SGM / LDM) U-Net's; kohya's LoRA names use them too
+UNET_RESNET_SGM = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
@@ -116,9 +117,9 @@ def _unet_targets(config: Mapping[str, Any]) -> dict[str, _Target]:
         "time_embedding.linear_1": _Target("time_embed.0"),
         "time_embedding.linear_2": _Target("time_embed.2"),
         "conv_in": _Target("input_blocks.0.0"),
-        "mid_block.resnets.0": _Target("middle_block.0", _UNET_RESNET),
+        "mid_block.resnets.0": _Target("middle_block.0", UNET_RESNET_SGM),
         "mid_block.attentions.0": _Target("middle_block.1"),
-        "mid_block.resnets.1": _Target("middle_block.2", _UNET_RESNET),
+        "mid_block.resnets.1": _Target("middle_block.2", UNET_RESNET_SGM),
         "conv_norm_out": _Target("out.0"),
         "conv_out": _Target("out.2"),
     }
@@ -133,7 +134,7 @@ def _unet_targets(config: Mapping[str, Any]) -> dict[str, _Target]:
     for level, block_type in enumerate(down_types):
         attention = _has_attention(block_type, _UNET_DOWN_TYPES)
         for j in range(layers[level]):
-            targets[f"down_blocks.{level}.resnets.{j}"] = _Target(f"input_blocks.{index}.0", _UNET_RESNET)
+            targets[f"down_blocks.{level}.resnets.{j}"] = _Target(f"input_blocks.{index}.0", UNET_RESNET_SGM)
             if attention:
                 targets[f"down_blocks.{level}.attentions.{j}"] = _Target(f"input_blocks.{index}.1")
             index += 1
@@ -144,7 +145,7 @@ def _unet_targets(config: Mapping[str, Any]) -> dict[str, _Target]:
     for level, (block_type, count) in enumerate(zip(up_types, reversed(layers), strict=True)):
         attention = _has_attention(block_type, _UNET_UP_TYPES)
         for j in range(count + 1):
-            targets[f"up_blocks.{level}.resnets.{j}"] = _Target(f"output_blocks.{index}.0", _UNET_RESNET)
+            targets[f"up_blocks.{level}.resnets.{j}"] = _Target(f"output_blocks.{index}.0", UNET_RESNET_SGM)
             if attention:
                 targets[f"up_blocks.{level}.attentions.{j}"] = _Target(f"output_blocks.{index}.1")
             index += 1
