@@ -74,6 +74,18 @@ def test_metadata_path_outside_root_is_a_named_bad_sample(tmp_path: Path) -> Non
         datamodule(root=str(root)).setup()
 
 
+def test_metadata_lines_that_are_not_entries_are_named_bad_samples(tmp_path: Path) -> None:
+    write_image(tmp_path / "in.png")
+    lines = [json.dumps({"file_name": "in.png", "text": "ok"}), '["in.png", "a list"]', "{not json"]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
+    with pytest.raises(DataError) as info:
+        datamodule(root=str(tmp_path)).setup()
+    message = str(info.value)
+    assert "2 bad sample(s)" in message
+    assert "metadata.jsonl:2" in message and "no 'file_name'" in message
+    assert "metadata.jsonl:3" in message and "not valid JSON" in message
+
+
 def test_empty_dataset_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no usable"):
         datamodule(root=str(tmp_path)).setup()

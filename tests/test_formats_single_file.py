@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +27,8 @@ from sdtune.formats.single_file import (
 )
 from sdtune.models.tiny import TEXT_CONFIG, UNET_CONFIG, build_tiny_pipeline
 
+from .test_formats_kohya import loader_messages
+
 LOADER_FAILURES = ("missing", "unexpected", "not used", "not initialized", "newly initialized")
 SD1_PREFIXES = {"model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."}
 SD2_PREFIXES = {"model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."}
@@ -42,32 +40,6 @@ TIMESTEPS = torch.tensor([500])
 TOKEN_IDS = torch.randint(0, 800, (1, 16), generator=_generator)  # the tiny vocabulary has 805 tokens
 
 Outputs = dict[str, torch.Tensor]
-
-
-@contextlib.contextmanager
-def loader_messages() -> Iterator[list[str]]:
-    """Collect diffusers/transformers log records and Python warnings raised inside the block."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.DEBUG)
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield messages
-        messages.extend(str(warning.message) for warning in caught)
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.removeHandler(handler)
-            logger.setLevel(level)
 
 
 def perturb(pipe: StableDiffusionPipeline, seed: int = 5) -> StableDiffusionPipeline:

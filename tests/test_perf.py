@@ -96,8 +96,8 @@ def _checks() -> dict[str, tuple[list[str], object]]:
 
     def cudnn_benchmark(m):
         assert torch.backends.cudnn.benchmark
-        # runtime.fused_optimizer is on by default but fuses only CUDA parameters (the module itself is back on
-        # the CPU once fit ends: ask the strategy where it trained)
+        # runtime.fused_optimizer is on by default but fuses only CUDA parameters (the module itself is back
+        # on the CPU once fit ends: ask the strategy where it trained)
         trained_on = m.trainer.strategy.root_device.type
         assert bool(m.trainer.optimizers[0].defaults.get("fused")) == (trained_on == "cuda")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -93,22 +92,6 @@ class ConditionedDataModule(ImageCaptionDataModule):
 
     def generate_root(self) -> Any:
         raise NotImplementedError
-
-
-def metadata_entries(path: Path, records: Records) -> list[tuple[str, dict[str, Any]]]:
-    """(where, entry) for each JSON line of a metadata.jsonl; unparsable lines go to `records.problems`."""
-    entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            records.problems.append((where, f"not valid JSON ({error.msg})"))
-            continue
-        entries.append((where, entry if isinstance(entry, dict) else {}))
-    return entries
 
 
 def oriented_size(path: Path) -> tuple[int, int]:

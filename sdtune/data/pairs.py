@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.data.conditioned import ConditionedDataModule, RecordDataset, metadata_entries, oriented_size
+from sdtune.data.conditioned import ConditionedDataModule, RecordDataset, oriented_size
 from sdtune.data.joint import JointTransform
-from sdtune.data.records import Records
+from sdtune.data.records import Records, metadata_entries
 from sdtune.io import build_once
 
 PAIRS_VERSION = 1

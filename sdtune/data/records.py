@@ -85,18 +85,25 @@ def _from_hf(dataset: Any, image_column: str, caption_column: str, source: str) 
     return records
 
 
-def _from_metadata(folder: Path, caption_column: str) -> Records:
-    records = Records([], [], [])
-    lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
+def metadata_entries(path: Path, records: Records) -> list[tuple[str, dict[str, Any]]]:
+    """(where, entry) for each JSON line of a metadata.jsonl; unparsable lines go to `records.problems`."""
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{folder / 'metadata.jsonl'}:{number}"
+        where = f"{path}:{number}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
             records.problems.append((where, f"not valid JSON ({error.msg})"))
             continue
+        entries.append((where, entry if isinstance(entry, dict) else {}))
+    return entries
+
+
+def _from_metadata(folder: Path, caption_column: str) -> Records:
+    records = Records([], [], [])
+    for where, entry in metadata_entries(folder / "metadata.jsonl", records):
         file_name, caption = entry.get("file_name"), entry.get(caption_column)
         if not isinstance(file_name, str):
             records.problems.append((where, "no 'file_name'"))

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.data.conditioned import ConditionedDataModule, RecordDataset, metadata_entries, oriented_size
+from sdtune.data.conditioned import ConditionedDataModule, RecordDataset, oriented_size
 from sdtune.data.joint import JointTransform
-from sdtune.data.records import IMAGE_SUFFIXES, DataError, Records
+from sdtune.data.records import IMAGE_SUFFIXES, DataError, Records, metadata_entries
 
 MAP_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
