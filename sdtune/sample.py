@@ -118,9 +118,14 @@ def source_family(cfg: DictConfig) -> str:
     if cfg.source == "tiny_xl":
         return "sdxl"
     index = Path(str(cfg.source)).expanduser() / "model_index.json"
-    if index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", ""):
-        return "sdxl"
-    return "sd1"
+    if not index.is_file():
+        return "sd1"
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (ValueError, AttributeError) as error:
+        problem = f"source: {index} is not a diffusers model_index.json ({error}); re-save the pipeline"
+        raise ConfigError([f"{problem} or give family=sd1|sdxl"]) from error
+    return "sdxl" if "XL" in str(class_name) else "sd1"
 
 
 def request_problems(cfg: DictConfig) -> list[str]:

@@ -92,6 +92,15 @@ def test_a_source_that_is_no_run_and_no_pipeline_is_named(tmp_path: Path) -> Non
             sample(sample_cfg(f"source={source}", "prompt=x", f"out={tmp_path / 'out'}"))
 
 
+@pytest.mark.parametrize("index", ["{broken", '["a list"]'])
+def test_a_pipeline_folder_with_a_broken_model_index_is_named(index: str, tmp_path: Path) -> None:
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(index)
+    with pytest.raises(ConfigError, match=r"model_index\.json.*family=sd1\|sdxl"):
+        sample(sample_cfg(f"source={folder}", "prompt=x", f"out={tmp_path / 'out'}"))
+
+
 def test_a_run_without_a_loadable_export_is_refused_not_sampled_as_the_base(tmp_path: Path) -> None:
     """A run that exported only a peft folder (or nothing) would otherwise be sampled as the bare base."""
     import json
