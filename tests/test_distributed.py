@@ -108,6 +108,27 @@ def train_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
     )
 
 
+def two_cpu_ranks(
+    images: Path, tmp_path: Path, *overrides: str, trainer: str = "ddp", per_sample_seeds: bool = False
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """Train on `same_data(images)` in two CPU DDP processes (batch 1 each) with the probe on every rank;
+    fails the test unless the command succeeds. Returns the command's result and the run directory."""
+    run_dir = tmp_path / "run"
+    options = {"per_sample_seeds": True} if per_sample_seeds else {}
+    result = train_cli(
+        *same_data(images),
+        *overrides,
+        f"trainer={trainer}",
+        "trainer.devices=2",
+        "data.batch_size=1",
+        *probe_args(tmp_path / "probe", **options),
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result, run_dir
+
+
 def ranks(probe_dir: Path, world_size: int) -> list[dict]:
     states = [torch.load(probe_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     assert [s["world_size"] for s in states] == [world_size] * world_size
@@ -320,18 +341,7 @@ def test_a_requeued_slurm_job_reuses_its_run_directory(tmp_path, monkeypatch) ->
 def test_ddp_two_processes_match_one_process_with_the_same_effective_batch(
     reference, same_images, tmp_path, cache_dir
 ) -> None:
-    run_dir = tmp_path / "run"
-    result = train_cli(
-        *same_data(same_images),
-        "trainer=ddp",
-        "trainer.devices=2",
-        "data.batch_size=1",
-        "logger=wandb",
-        *probe_args(tmp_path / "probe", per_sample_seeds=True),
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    result, run_dir = two_cpu_ranks(same_images, tmp_path, "logger=wandb", per_sample_seeds=True)
     output = result.stdout + result.stderr
     assert output.count("effective batch 2 = 1 per device × 2 device(s) × 1 node(s) × 1 accumulation") == 1
     assert printed_run_dirs(result.stdout) == [str(run_dir)], "the run directory is printed once, by rank 0"
@@ -356,21 +366,8 @@ def test_ddp_two_processes_match_one_process_with_the_same_effective_batch(
 def test_ddp_trains_an_adapter_variant_in_step_on_every_rank(same_images, tmp_path, cache_dir) -> None:
     """LoHa (a peft variant, as DoRA and LoKr) under two-process DDP: its own weights train, identically on
     both ranks, and rank 0 exports them (LyCORIS keys in the kohya file)."""
-    run_dir = tmp_path / "run"
-    result = train_cli(
-        *same_data(same_images),
-        "trainer.max_steps=2",
-        "method.variant=loha",
-        "export.formats=[kohya]",
-        "trainer=ddp",
-        "trainer.devices=2",
-        "data.batch_size=1",
-        "logger=none",
-        *probe_args(tmp_path / "probe"),
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    overrides = ("trainer.max_steps=2", "method.variant=loha", "export.formats=[kohya]", "logger=none")
+    _, run_dir = two_cpu_ranks(same_images, tmp_path, *overrides)
     states = ranks(tmp_path / "probe", 2)
     assert_identical_ranks(states)
     params = states[0]["params"]
@@ -384,18 +381,9 @@ def test_ddp_fork_trains_in_children_and_keeps_a_resumable_checkpoint(
     reference, same_images, tmp_path, cache_dir
 ) -> None:
     """ddp_fork (and ddp_spawn) train in child processes: step count and optimizer state stay there."""
-    run_dir = tmp_path / "run"
-    result = train_cli(
-        *same_data(same_images),
-        "trainer=ddp_fork",
-        "trainer.devices=2",
-        "data.batch_size=1",
-        "logger=none",
-        *probe_args(tmp_path / "probe", per_sample_seeds=True),
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
+    _, run_dir = two_cpu_ranks(
+        same_images, tmp_path, "logger=none", trainer="ddp_fork", per_sample_seeds=True
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     states = ranks(tmp_path / "probe", 2)
     assert_identical_ranks(states)
     assert_matches_reference(states[0], reference)

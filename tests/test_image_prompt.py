@@ -18,20 +18,10 @@ from sdtune.sample import sample
 from sdtune.train import train
 
 from .conftest import compose_config
+from .test_conditioning_runs import FAST as RUN_FAST
 
-FAST = [
-    "+experiment=lora",
-    "conditioning=image_prompt",
-    "trainer.max_steps=2",
-    "data.num_images=4",
-    "data.batch_size=2",
-    "method.lr=1e-2",
-    "sampling.steps=1",
-    "sampling.per_prompt=1",
-    "sampling.from_data=1",
-    "sampling.every_n_steps=0",
-    "logger=none",
-]
+# the conditioning tests' quick run, as a LoRA with image prompts and one more step
+FAST = ["+experiment=lora", "conditioning=image_prompt", *RUN_FAST, "trainer.max_steps=2"]
 
 
 def shape_pixels(*colours: tuple[int, int, int], size: int = 64) -> torch.Tensor:
