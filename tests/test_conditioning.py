@@ -134,6 +134,15 @@ def test_bad_maps_are_listed_by_file_before_training(tmp_path: Path) -> None:
     assert sample["map"][5, 5] == 3 and sample["map"][0, 0] == 255
 
 
+def test_a_folder_without_images_is_named_not_offered_a_skip(tmp_path: Path) -> None:
+    (tmp_path / "maps").mkdir()
+    with pytest.raises(DataError) as info:
+        semantic_dm(tmp_path, on_bad_sample="skip").setup()
+    message = str(info.value)
+    assert f"data.root {tmp_path}" in message and "no images under images/" in message
+    assert "on_bad_sample" not in message
+
+
 def test_rgb_maps_with_a_palette(tmp_path: Path) -> None:
     from sdtune.data.semantic import MapError, load_palette, read_label_map
 

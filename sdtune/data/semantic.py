@@ -122,8 +122,11 @@ def find_map_records(
             )
         return records
     images = sorted(p for p in (folder / image_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        records.problems.append((str(folder), f"no metadata.jsonl and no images under {image_dir}/"))
+    if not images:  # nothing to skip to: not a bad sample but the wrong folder
+        raise DataError(
+            f"data.root {folder}: no metadata.jsonl and no images under {image_dir}/ (data.image_dir); "
+            f"give a folder with images in {image_dir}/ and label maps in {map_dir}/, or a metadata.jsonl"
+        )
     for image in images:
         stem = (folder / map_dir / image.relative_to(folder / image_dir)).with_suffix("")
         maps = [stem.with_suffix(s) for s in MAP_SUFFIXES if stem.with_suffix(s).is_file()]
