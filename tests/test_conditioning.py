@@ -207,6 +207,19 @@ def test_bad_pairs_are_listed_by_file(tmp_path: Path) -> None:
     assert "missing.png: image does not exist" in message and "empty instruction" in message
 
 
+def test_a_pairs_folder_without_metadata_is_named_not_offered_a_skip(tmp_path: Path) -> None:
+    from sdtune.data.pairs import EditPairsDataModule
+
+    dm = EditPairsDataModule(
+        name="pairs", root=str(tmp_path), resolution=16, batch_size=2, on_bad_sample="skip"
+    )
+    with pytest.raises(DataError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert f"data.root {tmp_path}: no metadata.jsonl" in message and "'instruction'" in message
+    assert "on_bad_sample" not in message
+
+
 def test_missing_or_misshapen_vectors_are_listed(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

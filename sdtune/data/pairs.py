@@ -21,7 +21,7 @@ from PIL import Image
 
 from sdtune.data.conditioned import ConditionedDataModule, RecordDataset, oriented_size
 from sdtune.data.joint import JointTransform
-from sdtune.data.records import Records, metadata_entries
+from sdtune.data.records import DataError, Records, metadata_entries
 from sdtune.io import build_once
 
 PAIRS_VERSION = 1
@@ -41,8 +41,10 @@ def find_pair_records(
     records = PairRecords([], [], [])
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
-        records.problems.append((str(metadata), "missing; an edit-pairs folder lists its pairs there"))
-        return records
+        raise DataError(
+            f"data.root {folder}: no metadata.jsonl; an edit-pairs folder lists its pairs there, one JSON "
+            f"line each with '{source_column}', '{target_column}' and '{instruction_column}'"
+        )
     for where, entry in metadata_entries(metadata, records):
         values = [entry.get(c) for c in (source_column, target_column, instruction_column)]
         if not all(isinstance(v, str) for v in values):
