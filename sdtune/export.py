@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtune.config import ConfigError, check_export_dtype, require_given
@@ -20,7 +21,7 @@ from sdtune.formats.exporters import (
     conditioning_weights,
     save_conditioning,
 )
-from sdtune.run import MANIFEST
+from sdtune.run import MANIFEST, unreadable_run
 
 
 def locate(source: str) -> tuple[Path, Path]:
@@ -29,6 +30,23 @@ def locate(source: str) -> tuple[Path, Path]:
     if path.is_dir():
         return path, path / "checkpoints" / "last.ckpt"
     return path.parent.parent, path
+
+
+def unreadable_run_files(run_dir: Path) -> list[str]:
+    """The run's config and manifest (when it has one) must parse: restoring and labelling need them."""
+    problems = []
+    try:
+        OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except (OSError, yaml.YAMLError) as error:
+        problems.append(unreadable_run(str(run_dir), ".hydra/config.yaml", error))
+    manifest = run_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            if not isinstance(json.loads(manifest.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as error:
+            problems.append(unreadable_run(str(run_dir), MANIFEST, error))
+    return problems
 
 
 def check(cfg: DictConfig) -> tuple[Path, Path]:
@@ -45,6 +63,8 @@ def check(cfg: DictConfig) -> tuple[Path, Path]:
         problems.append(
             f"source: {run_dir} has no .hydra/config.yaml; give a checkpoint inside an sdtune run"
         )
+    else:
+        problems.extend(unreadable_run_files(run_dir))
     if cfg.format not in EXPORTERS:
         problems.append(f"format: unknown format {cfg.format!r}; valid: {', '.join(EXPORTERS)}")
     if Path(cfg.out).exists() and not cfg.overwrite:

@@ -108,3 +108,11 @@ def record_data(run_dir: Path, datamodule: Any) -> None:
     if datamodule.skipped:
         skipped = [{"sample": name, "reason": reason} for name, reason in datamodule.skipped]
         atomic_write_json(run_dir / SKIPPED_SAMPLES, skipped)
+
+
+def unreadable_run(source: str, name: str, error: Exception) -> str:
+    """The problem line for a run file (manifest, saved config) that no longer parses."""
+    return (
+        f"source: the run {source!r} has an unreadable {name} ({type(error).__name__}: {error}); "
+        "sdtune.train writes it: restore it from a backup"
+    )

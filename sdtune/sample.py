@@ -13,13 +13,14 @@ from typing import Any
 
 import hydra
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sdtune.conditioning.text import MAX_TOKEN_LENGTHS
 from sdtune.config import ConfigError, require_given
 from sdtune.config_types import is_count, is_fraction, is_index, require_flag, require_number
 from sdtune.io import atomic_path
-from sdtune.run import MANIFEST
+from sdtune.run import MANIFEST, unreadable_run
 from sdtune.sampling import SCHEDULERS
 
 CONDITION_INPUTS = (
@@ -100,13 +101,20 @@ def source_problems(cfg: DictConfig) -> list[str]:
             "early has only checkpoints/; resume it to finish) nor a diffusers folder (no model_index.json)"
         ]
     if (source / MANIFEST).is_file():
-        formats = [e.format for e in OmegaConf.load(source / MANIFEST).exports]
+        try:
+            formats = [e.format for e in OmegaConf.load(source / MANIFEST).exports]
+        except (OSError, yaml.YAMLError, AttributeError, TypeError) as error:
+            return [unreadable_run(cfg.source, MANIFEST, error)]
         if not set(formats) & LOADABLE_EXPORTS:
             return [
                 f"source: the run {cfg.source!r} exported {formats or 'nothing'}, none of which sampling "
                 f"reads ({', '.join(sorted(LOADABLE_EXPORTS))}); without one it would sample the bare base. "
                 f"Export one first: python -m sdtune.export source={cfg.source} format=diffusers out=<folder>"
             ]
+        try:
+            OmegaConf.load(source / ".hydra" / "config.yaml")
+        except (OSError, yaml.YAMLError) as error:
+            return [unreadable_run(cfg.source, ".hydra/config.yaml", error)]
     return []
 
 

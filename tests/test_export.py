@@ -344,3 +344,17 @@ def test_a_run_that_exported_only_kohya_samples_through_it(run, tmp_path) -> Non
 def test_export_names_a_missing_out(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"out: required"):
         export(compose_config("export", [f"source={tmp_path}", "format=kohya"]))
+
+
+def test_a_run_whose_config_or_manifest_no_longer_parses_is_named_before_loading(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not read: the check comes first")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("model: [")
+    (run_dir / "manifest.json").write_text('["a list"]')
+    with pytest.raises(ConfigError) as info:
+        export(compose_config("export", [f"source={run_dir}", "format=kohya", f"out={tmp_path / 'x'}"]))
+    message = str(info.value)
+    assert "2 configuration problem(s)" in message
+    assert "unreadable .hydra/config.yaml" in message and "unreadable manifest.json" in message

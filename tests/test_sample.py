@@ -101,6 +101,28 @@ def test_a_pipeline_folder_with_a_broken_model_index_is_named(index: str, tmp_pa
         sample(sample_cfg(f"source={folder}", "prompt=x", f"out={tmp_path / 'out'}"))
 
 
+@pytest.mark.parametrize(
+    ("manifest", "config"),
+    [
+        ("{exports: [", "model: {}"),
+        ('{"no_exports": 1}', "model: {}"),
+        (
+            '{"exports": [{"format": "diffusers", "path": "lora/pytorch_lora_weights.safetensors"}]}',
+            "model: [",
+        ),
+    ],
+)
+def test_a_run_with_an_unreadable_manifest_or_config_is_named(
+    manifest: str, config: str, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "manifest.json").write_text(manifest)
+    (run / ".hydra" / "config.yaml").write_text(config)
+    with pytest.raises(ConfigError, match=r"unreadable (manifest\.json|\.hydra/config\.yaml)"):
+        sample(sample_cfg(f"source={run}", "prompt=x", f"out={tmp_path / 'out'}"))
+
+
 def test_a_run_without_a_loadable_export_is_refused_not_sampled_as_the_base(tmp_path: Path) -> None:
     """A run that exported only a peft folder (or nothing) would otherwise be sampled as the bare base."""
     import json
