@@ -149,5 +149,7 @@ def check(records: Records, source: str, on_bad_sample: str) -> list[tuple[str, 
             "Fix them, or set data.on_bad_sample=skip to train on the rest."
         )
     if len(records) == 0:
-        raise DataError(f"no usable image/caption pairs in {source}; check data.root and the caption layout")
+        raise DataError(
+            f"no usable samples in {source}; check data.root and its layout (README: Train, Conditioning)"
+        )
     return records.problems
