@@ -82,7 +82,7 @@ if [ "$TRAIN" -gt 30 ]; then
     paths.cache_dir=/tmp/sdtune-cache hydra.run.dir=/tmp/pretrain >/tmp/pretrain.log 2>&1
   grep -v "━" /tmp/pretrain.log | tail -15
   tr '\r' '\n' </tmp/pretrain.log | grep "train/loss" | tail -1
-  tail -3 /tmp/pretrain/csv/version_0/metrics.csv 2>/dev/null
+  tail -3 /tmp/pretrain/csv/metrics.csv 2>/dev/null
   if [ -d /tmp/pretrain/pipeline ]; then
     python3 scripts/ship_tiny_weights.py /tmp/pretrain/pipeline --out /tmp/ship \
       && cp /tmp/ship/unet.safetensors /tmp/ship/text_encoder.safetensors "$OUT/"
