@@ -234,6 +234,8 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 "of the embedding matrix)"
             )
         require_number(report, "method.num_vectors", method.num_vectors, is_count, "an integer >= 1")
+    if method.get("preserve_unconditional"):
+        _check_preserve_unconditional(cfg, report)
     for problem in optimizer_problems(method):
         report(problem)
     require_number(report, "method.lr", method.lr, lambda v: v > 0, "a positive number")
@@ -250,6 +252,22 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
     )
     if method.ema is not None:
         _check_ema(method.ema, report)
+
+
+def _check_preserve_unconditional(cfg: DictConfig, report: Report) -> None:
+    key = "method.preserve_unconditional"
+    if cfg.method.name != "lora":
+        report(
+            f"{key}: needs an adapter to switch off for the base's prediction (method=lora), "
+            f"not method={cfg.method.name}"
+        )
+    if not any(float(part.get("dropout") or 0) > 0 for part in cfg.conditioning.values()):
+        report(f"{key}: no sample is ever unconditional; set conditioning.<name>.dropout > 0 (e.g. 0.1)")
+    if cfg.loss.prediction_type is not None:
+        report(
+            f"{key}: the base's own predictions become targets, so they must be of the type the run trains; "
+            "leave loss.prediction_type null"
+        )
 
 
 def _check_loraplus(method: DictConfig, report: Report) -> None:

@@ -28,6 +28,7 @@ from sdtune.losses import (
     sample_timesteps,
     timestep_weights,
 )
+from sdtune.models.adapters import adapters_disabled
 from sdtune.models.loading import Stack, vae_scale_factor
 from sdtune.optimizers import build_optimizer
 from sdtune.precision import MasterWeights, over_masters
@@ -51,6 +52,7 @@ class DiffusionModule(pl.LightningModule):
         # Checkpoints hold only what trains; the frozen base comes from model.pretrained.
         self.strict_loading = False
         self.nonfinite = NonFiniteGuard(loss.max_nonfinite_steps)
+        self.preserve_unconditional = bool(method.get("preserve_unconditional")) if method else False
         self.timestep_weights = _timestep_weights(loss, stack.noise_scheduler.config.num_train_timesteps)
         self.vae_full_precision = False  # runtime.vae_dtype=float32: encode outside autocast
         self.fused_optimizer = False  # runtime.fused_optimizer: torch's fused AdamW when training on a GPU
@@ -79,8 +81,10 @@ class DiffusionModule(pl.LightningModule):
         latents = self.batch_latents(batch)
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
         batch = with_micro_conditioning(batch, latents.shape[0], height, width)
-        conditions = self.conditioning(batch, self.conditioning.training_drop(latents.shape[0]))
-        losses = self.per_sample_loss(latents, conditions)
+        drop = self.conditioning.training_drop(latents.shape[0])
+        conditions = self.conditioning(batch, drop)
+        unconditional = self.base_unconditional(batch, drop) if self.preserve_unconditional else None
+        losses = self.per_sample_loss(latents, conditions, unconditional)
         if "is_class" not in batch:
             return losses.mean(), {}
         loss, instance, prior = prior_preservation_loss(
@@ -115,9 +119,25 @@ class DiffusionModule(pl.LightningModule):
             posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return posterior.sample() * self.vae.config.scaling_factor
 
-    def per_sample_loss(self, latents: Tensor, conditions: Conditions) -> Tensor:
+    @torch.no_grad()
+    def base_unconditional(
+        self, batch: dict[str, Any], drop: dict[str, Tensor]
+    ) -> tuple[Tensor, Conditions] | None:
+        """The samples `drop` left with no condition at all, and the frozen base's (empty) conditions for
+        them; None when there are none."""
+        mask = self.conditioning.all_dropped(drop)
+        if not mask.any():
+            return None
+        with adapters_disabled(self.conditioning):
+            conditions = self.conditioning(batch, drop)
+        return mask, conditions.select(mask)
+
+    def per_sample_loss(
+        self, latents: Tensor, conditions: Conditions, unconditional: tuple[Tensor, Conditions] | None = None
+    ) -> Tensor:
         """Denoising loss (MSE or pseudo-Huber) of each sample at a random timestep, min-SNR and/or debiased-
-        estimation weighted if configured."""
+        estimation weighted if configured. `unconditional` (`method.preserve_unconditional`): those samples
+        learn the frozen base's prediction instead of their image."""
         scheduler = self.stack.noise_scheduler
         objective = self.objective
         noise = sample_noise(
@@ -133,6 +153,8 @@ class DiffusionModule(pl.LightningModule):
         noisy = scheduler.add_noise(latents, perturbed(noise, gamma) if gamma else noise, timesteps)
         pred = self.unet(conditions.unet_input(noisy), timesteps, **conditions.unet_kwargs()).sample
         target = prediction_target(scheduler, latents, noise, timesteps, self.prediction_type)
+        if unconditional is not None:
+            target = self.base_target(target, noisy, timesteps, *unconditional)
         if objective.kind == "mse":
             losses = per_sample_mse(pred, target)
         else:
@@ -143,6 +165,22 @@ class DiffusionModule(pl.LightningModule):
         if objective.debiased:
             losses = losses * debiased_weights(scheduler, timesteps, self.prediction_type)
         return losses
+
+    @torch.no_grad()
+    def base_target(
+        self, target: Tensor, noisy: Tensor, timesteps: Tensor, mask: Tensor, conditions: Conditions
+    ) -> Tensor:
+        """`target` with the masked samples' replaced by the frozen base's prediction for them. Caption
+        dropout would otherwise teach the adapter to draw the new concept unconditionally too, and
+        classifier-free guidance, which amplifies conditional − unconditional, then loses it."""
+        mask = mask.to(target.device)
+        with adapters_disabled(self.unet):
+            base = self.unet(
+                conditions.unet_input(noisy[mask]), timesteps[mask], **conditions.unet_kwargs()
+            ).sample
+        target = target.clone()
+        target[mask] = base.to(target.dtype)
+        return target
 
     @property
     def vae_scale_factor(self) -> int:

@@ -71,7 +71,7 @@ def dreambooth_batch(instances: int = 2, classes: int = 2) -> dict:
 
 def test_module_adds_the_weighted_class_half(module, monkeypatch) -> None:
     per_sample = torch.tensor([1.0, 2.0, 3.0, 5.0])
-    monkeypatch.setattr(module, "per_sample_loss", lambda latents, conditions: per_sample)
+    monkeypatch.setattr(module, "per_sample_loss", lambda latents, conditions, unconditional: per_sample)
     module.method.prior_loss_weight = 0.5
     loss, parts = module.batch_loss(dreambooth_batch())
     assert loss.item() == pytest.approx((1 + 2) / 2 + 0.5 * (3 + 5) / 2)

@@ -45,9 +45,9 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(train_cfg, monkeypatch) 
     per_sample_loss = DiffusionModule.per_sample_loss
     modules = []
 
-    def poisoned(self, latents, conditions):
+    def poisoned(self, latents, conditions, unconditional):
         modules.append(self)
-        losses = per_sample_loss(self, latents, conditions)
+        losses = per_sample_loss(self, latents, conditions, unconditional)
         nan = self.global_step == 0 or self.global_step >= 2  # one alone, then a streak
         return losses * math.nan if nan else losses
 

@@ -38,6 +38,15 @@ class Conditions:
             kwargs["added_cond_kwargs"] = self.added
         return kwargs
 
+    def select(self, mask: Tensor) -> Conditions:
+        """The conditions of the samples marked in `mask`."""
+
+        def rows(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor[mask.to(tensor.device)]
+
+        added = None if self.added is None else {k: rows(v) for k, v in self.added.items()}
+        return Conditions(crossattn=rows(self.crossattn), concat=rows(self.concat), added=added)
+
     def unet_input(self, noisy_latents: Tensor) -> Tensor:
         if self.concat is None:
             return noisy_latents
@@ -81,6 +90,12 @@ class ConditioningStack(nn.Module):
             name: torch.rand(batch_size, generator=generator) < float(component.dropout)
             for name, component in self.components.items()
         }
+
+    @staticmethod
+    def all_dropped(drop: dict[str, Tensor]) -> Tensor:
+        """The samples that `drop` leaves with no condition at all (what classifier-free guidance's
+        unconditional branch sees)."""
+        return torch.stack(list(drop.values())).all(dim=0)
 
     def constant_drop(self, batch_size: int, value: bool) -> dict[str, Tensor]:
         return {name: torch.full((batch_size,), value) for name in self.components}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from sdtune.models.textual_inversion import apply_textual_inversion
 
@@ -75,6 +77,22 @@ def add_adapter(model: Any, config: Any) -> None:
 
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     model.peft_config = {ADAPTER_NAME: config}
+
+
+@contextmanager
+def adapters_disabled(*models: nn.Module) -> Iterator[None]:
+    """Run `models` as the frozen base: every peft adapter layer in them is switched off, then back on (peft
+    also clears and restores the adapters' requires_grad)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def apply_full(stack: Any, method: DictConfig) -> None:
