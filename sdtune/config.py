@@ -234,7 +234,10 @@ def _check_method(cfg: DictConfig, report: Report) -> None:
                 "of the embedding matrix)"
             )
         require_number(report, "method.num_vectors", method.num_vectors, is_count, "an integer >= 1")
-    if method.get("preserve_unconditional"):
+    preserve = method.get("preserve_unconditional", False)
+    if not isinstance(preserve, bool):
+        report(f"method.preserve_unconditional: must be true or false, got {preserve!r}")
+    elif preserve:
         _check_preserve_unconditional(cfg, report)
     for problem in optimizer_problems(method):
         report(problem)
@@ -261,7 +264,8 @@ def _check_preserve_unconditional(cfg: DictConfig, report: Report) -> None:
             f"{key}: needs an adapter to switch off for the base's prediction (method=lora), "
             f"not method={cfg.method.name}"
         )
-    if not any(float(part.get("dropout") or 0) > 0 for part in cfg.conditioning.values()):
+    rates = [part.get("dropout") for part in cfg.conditioning.values()]
+    if not any(isinstance(rate, (int, float)) and rate > 0 for rate in rates):
         report(f"{key}: no sample is ever unconditional; set conditioning.<name>.dropout > 0 (e.g. 0.1)")
     if cfg.loss.prediction_type is not None:
         report(

@@ -75,13 +75,14 @@ def test_without_it_dropped_samples_learn_their_image(train_cfg, cache_dir) -> N
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["method=full"], "method=lora"),
-        (["conditioning.text.dropout=0"], "conditioning.<name>.dropout > 0"),
-        (["loss.prediction_type=v_prediction"], "leave loss.prediction_type null"),
+        (["method=full", f"+{PRESERVE}"], "method=lora"),
+        ([PRESERVE, "conditioning.text.dropout=0"], "conditioning.<name>.dropout > 0"),
+        ([PRESERVE, "loss.prediction_type=v_prediction"], "leave loss.prediction_type null"),
+        (["method.preserve_unconditional=sometimes"], "must be true or false"),
     ],
 )
 def test_settings_it_cannot_work_with_are_refused(train_cfg, overrides, message) -> None:
     with pytest.raises(ConfigError, match="method.preserve_unconditional") as error:
-        validate(train_cfg(*overrides, PRESERVE if overrides[0] != "method=full" else "+" + PRESERVE))
+        validate(train_cfg(*overrides))
     assert message in str(error.value)
     validate(train_cfg(PRESERVE))
